@@ -1,0 +1,15 @@
+"""esh: hybrid state-space / attention backbones (ESH-Vision, ESH LM, MambaVision, Vim)."""
+
+from . import ops
+from ._version import __version__
+from .models import UnknownModelError, create_model, is_model, list_models, register_model
+
+__all__ = [
+    "UnknownModelError",
+    "__version__",
+    "create_model",
+    "is_model",
+    "list_models",
+    "ops",
+    "register_model",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from esh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measurement helpers behind ``esh bench`` and the scripts in ``benchmarks/``."""

@@ -1,0 +1,96 @@
+"""Wall-clock time and peak memory of a callable, measured the same way for every method."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    max_seconds: float = 20.0,
+    device: torch.device | None = None,
+) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` calls; stops early after
+    ``max_seconds`` of measuring (at least one timed call is always made)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max(1, repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_supported() -> bool:
+    return sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
+
+
+_malloc_tuned = False
+
+
+def _return_freed_memory_to_os() -> None:
+    """Make glibc map every buffer of 64 KiB or more on its own and unmap it when freed, so
+    the resident set follows the live tensors (the default threshold grows to 32 MiB)."""
+    global _malloc_tuned
+    if not _malloc_tuned:
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        _malloc_tuned = True
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int | None:
+    """Bytes allocated at the peak of one call of ``fn`` above what was live before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size (VmHWM, reset
+    through /proc/self/clear_refs) over the resident size before the call. None elsewhere.
+    """
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not _cpu_peak_supported():
+        return None
+    _return_freed_memory_to_os()
+    fn()  # first call after the malloc change: let allocations settle
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = _status_bytes("VmRSS:")
+    fn()
+    return max(0, _status_bytes("VmHWM:") - base)

@@ -1,0 +1,1 @@
+"""Data sets and transforms: the embedded default set, ImageFolder, HF datasets."""

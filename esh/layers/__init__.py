@@ -1,0 +1,1 @@
+"""Reusable nn.Modules (Mamba mixers, attention, router, MoE) built on ``esh.ops``."""

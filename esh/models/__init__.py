@@ -1,0 +1,5 @@
+"""Model families, one file each, and the registry their builders live in."""
+
+from .registry import UnknownModelError, create_model, is_model, list_models, register_model
+
+__all__ = ["UnknownModelError", "create_model", "is_model", "list_models", "register_model"]

@@ -1,0 +1,119 @@
+"""The selective scan of Mamba, behind one signature with several backends.
+
+``selective_scan`` has the arguments, shapes and semantics of mamba_ssm's
+``selective_scan_fn``, so either can stand in for the other. Backends:
+
+* ``"reference"``: the sequential loop in ``reference.py``; the specification.
+* ``"chunked"``: the fast pure-PyTorch path with its own backward (``chunked.py``); any
+  device, no compilation. The default everywhere except CUDA with mamba_ssm installed.
+* ``"cuda"``: mamba_ssm's fused CUDA kernel, when the package is installed and the inputs
+  are on a CUDA device.
+
+Pick one with ``backend=`` or the ``ESH_SCAN_BACKEND`` environment variable; otherwise the
+dispatcher takes the fastest backend that can run the inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from . import mamba_cuda
+from ._checks import check_scan_inputs
+from .chunked import selective_scan_chunked
+from .reference import selective_scan_reference, selective_state_update_reference
+from .state_update import selective_state_update
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_reference",
+    "selective_state_update",
+    "selective_state_update_reference",
+]
+
+BACKENDS = ("reference", "chunked", "cuda")
+ENV_VAR = "ESH_SCAN_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A selective-scan backend was asked for that cannot run here."""
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    """Backends that can run inputs on a device of this type."""
+    names = ["reference", "chunked"]
+    if device_type == "cuda" and mamba_cuda.is_available():
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(backend: str | None, device_type: str) -> str:
+    """The backend a call will use: the argument, else ``$ESH_SCAN_BACKEND``, else the fastest."""
+    source = "backend="
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    if backend is None:
+        return "cuda" if "cuda" in available_backends(device_type) else "chunked"
+    backend = backend.strip().lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {backend!r} (from {source}); expected one of {BACKENDS}")
+    if backend == "cuda":
+        if not mamba_cuda.is_available():
+            raise BackendUnavailableError(
+                "selective_scan: backend 'cuda' needs the mamba-ssm package (pip install mamba-ssm, "
+                "compiled for your torch and CUDA); the 'chunked' backend needs nothing"
+            )
+        if device_type != "cuda":
+            raise BackendUnavailableError(
+                f"selective_scan: backend 'cuda' runs only on CUDA tensors; the inputs are on {device_type}"
+            )
+    return backend
+
+
+_IMPLS = {
+    "reference": selective_scan_reference,
+    "chunked": selective_scan_chunked,
+    "cuda": mamba_cuda.selective_scan_cuda,
+}
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan ``h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t]``, ``y[t] = C[t] h[t]``.
+
+    Args:
+        u, delta: (batch, dim, L) input and step size.
+        A: (dim, N) real state matrix (Mamba: ``-exp(A_log)``).
+        B, C: (batch, N, L) or (batch, G, N, L) input-dependent, or (dim, N) constant.
+        D: (dim,) skip connection, ``y += D * u``.
+        z: (batch, dim, L) gate, ``out = y * silu(z)``.
+        delta_bias: (dim,) added to delta before the optional softplus.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the final state (batch, dim, N).
+        backend: ``"reference"``, ``"chunked"`` or ``"cuda"``; default: the fastest available.
+
+    Returns:
+        ``out`` (batch, dim, L) in the dtype of ``u``, and the last state (float32, or
+        float64 for float64 inputs) when ``return_last_state``. Arithmetic is float32 for
+        half-precision inputs.
+    """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device.type)
+    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

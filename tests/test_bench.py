@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from esh.bench import selective_scan as bench
+from esh.bench.measure import peak_memory, time_call
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
+def test_peak_memory_sees_a_temporary_allocation():
+    def allocate():
+        x = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        return float(x.sum())
+
+    peak = peak_memory(allocate)
+    assert 15 * 2**20 <= peak <= 40 * 2**20
+
+
+def test_time_call_returns_a_positive_median():
+    assert time_call(lambda: torch.ones(10).sum(), repeats=3) > 0
+
+
+def test_baselines_compute_the_same_scan():
+    x = bench.make_inputs((2, 8, 33, 4))
+    ref = bench.method_fn("reference")(x)
+    for method in bench.available_methods():
+        torch.testing.assert_close(bench.method_fn(method)(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_floor_is_positive_and_rows_carry_ratios():
+    floor = bench.measure_floor(1 << 16, repeats=1)
+    assert floor.exp_per_s > 0 and floor.copy_bytes_per_s > 0
+    rows = bench.bench_shape("t", (1, 8, 16, 4), ["reference", "esh"], floor, repeats=1, memory=False)
+    esh_row = rows[-1]
+    assert esh_row.method == "esh" and esh_row.speedup_fwd > 0 and esh_row.max_rel_err < 1e-5

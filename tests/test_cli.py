@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import esh
+from esh.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"esh {esh.__version__}"
+
+
+def test_python_dash_m_esh_is_the_same_command():
+    r = subprocess.run([sys.executable, "-m", "esh", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"esh {esh.__version__}"
+
+
+def test_models_lists_registered_names(capsys):
+    @esh.register_model
+    def esh_cli_test_model(pretrained=False, checkpoint_path=None, **kwargs):
+        raise AssertionError("not built by listing")
+
+    try:
+        assert main(["models", "esh_cli_test*"]) == 0
+        assert capsys.readouterr().out.split() == ["esh_cli_test_model"]
+        assert main(["models", "no_such_model_pattern*"]) == 1
+        assert "no models matching" in capsys.readouterr().err
+    finally:
+        esh.models.registry._unregister("esh_cli_test_model")
+
+
+def test_bench_scan_prints_the_table(capsys):
+    assert main(["bench", "scan", "--shape", "1,8,20,4", "--repeats", "1", "--threads", "0", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "| method |" in out and "floor" in out
+    for method in ("reference", "esh"):
+        assert f"| {method} |" in out
+
+
+def test_bench_scan_rejects_a_bad_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "scan", "--shape", "1,8,20"])
+    assert "four positive integers" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""The fast selective scan equals the reference loop in values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scan_inputs import run_with_grads, scan_inputs, with_grad
+
+from esh.ops import BackendUnavailableError, selective_scan, selective_scan_reference
+from esh.ops.selective_scan import chunked, resolve_backend
+from esh.ops.selective_scan.chunked import selective_scan_chunked
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def assert_scan_matches(x, rtol, **kwargs):
+    """Fast path vs reference: output, last state and every gradient, relative to max |ref|."""
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, **kwargs)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, **kwargs)
+    assert out_f.dtype == out_r.dtype == x["u"].dtype
+    assert out_f.shape == out_r.shape
+    assert last_f.shape == last_r.shape == (x["u"].shape[0], x["u"].shape[1], x["A"].shape[1])
+    assert _rel_err(out_f, out_r) <= rtol, "output"
+    assert _rel_err(last_f, last_r) <= rtol, "last state"
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        assert grads_f[name].shape == grads_r[name].shape, name
+        assert grads_f[name].dtype == x[name].dtype, name
+        assert _rel_err(grads_f[name], grads_r[name]) <= rtol, f"grad of {name}"
+
+
+# float32 vs float32: the two sum in different orders; 2e-5 of the largest value covers
+# that over 1500 steps. float64 shows the algebra is exact (1e-10).
+@pytest.mark.parametrize("seqlen", [1, 7, 64, 197, 1500])
+@pytest.mark.parametrize("dstate", [1, 8, 16])
+def test_matches_reference_over_lengths_and_state_sizes(seqlen, dstate):
+    x = scan_inputs(batch=2, dim=4, seqlen=seqlen, dstate=dstate)
+    assert_scan_matches(x, rtol=2e-5, delta_softplus=True)
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 64, 197])
+def test_matches_reference_in_float64(seqlen):
+    x = scan_inputs(seqlen=seqlen, dtype=torch.float64)
+    assert_scan_matches(x, rtol=1e-10, delta_softplus=True)
+
+
+@pytest.mark.parametrize("with_D", [False, True])
+@pytest.mark.parametrize("with_z", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_matches_reference_with_and_without_optional_terms(with_D, with_z, with_bias, softplus):
+    x = scan_inputs(seqlen=50, with_D=with_D, with_z=with_z, with_bias=with_bias, dtype=torch.float64)
+    if not softplus:
+        x["delta"] = x["delta"].abs()  # without softplus the step must already be positive
+    assert_scan_matches(x, rtol=1e-10, delta_softplus=softplus)
+
+
+@pytest.mark.parametrize(
+    "B_mode,C_mode",
+    [
+        ("constant", "constant"),
+        ("constant", "variable"),
+        ("variable", "constant"),
+        ("variable", "variable"),
+        ("grouped", "grouped"),
+        ("grouped", "variable"),
+        ("constant", "grouped"),
+    ],
+)
+def test_matches_reference_for_constant_variable_and_grouped_B_C(B_mode, C_mode):
+    x = scan_inputs(dim=6, seqlen=40, B_mode=B_mode, C_mode=C_mode, groups=3, dtype=torch.float64)
+    assert_scan_matches(x, rtol=1e-10, delta_softplus=True)
+
+
+def test_B_and_C_with_different_group_counts():
+    x = scan_inputs(dim=6, seqlen=20, B_mode="grouped", C_mode="grouped", groups=2, dtype=torch.float64)
+    x["C"] = torch.randn(2, 3, 4, 20, dtype=torch.float64)
+    assert_scan_matches(x, rtol=1e-10, delta_softplus=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 16, 63, 64, 200])
+def test_every_chunk_size_gives_the_same_result(chunk):
+    x = scan_inputs(seqlen=64, dtype=torch.float64)
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, delta_softplus=True)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, delta_softplus=True, chunk_size=chunk)
+    assert _rel_err(out_f, out_r) < 1e-12
+    assert _rel_err(last_f, last_r) < 1e-12
+    for name in grads_r:
+        assert _rel_err(grads_f[name], grads_r[name]) < 1e-11, name
+
+
+# bfloat16 inputs: both paths compute in float32 from the same inputs and round the output
+# to bfloat16, so they agree to a couple of bfloat16 ulps (2**-8 relative).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_float32(dtype):
+    x = scan_inputs(seqlen=197, dstate=8, dtype=dtype)
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, delta_softplus=True)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, delta_softplus=True)
+    assert out_f.dtype == dtype and last_f.dtype == torch.float32
+    assert _rel_err(out_f, out_r) <= 1e-2
+    assert _rel_err(last_f, last_r) <= 1e-5  # float32 state from identical inputs
+    for name in grads_r:
+        assert grads_f[name].dtype == dtype
+        assert _rel_err(grads_f[name], grads_r[name]) <= 2e-2, name
+    # and the float32 arithmetic is really used: same as the float32 scan of the same values
+    x32 = {k: None if v is None else v.float() for k, v in x.items()}
+    out32 = selective_scan_chunked(**x32, delta_softplus=True)
+    assert _rel_err(out_f.float(), out32) <= 2**-8
+
+
+def test_gradcheck_float64():
+    x = with_grad(scan_inputs(batch=1, dim=2, seqlen=6, dstate=3, groups=2, B_mode="grouped", dtype=torch.float64))
+    names = list(x)
+
+    def fn(*args):
+        out, last = selective_scan_chunked(
+            **dict(zip(names, args)), delta_softplus=True, return_last_state=True, chunk_size=4
+        )
+        return out, last
+
+    assert torch.autograd.gradcheck(fn, tuple(x[k] for k in names))
+
+
+def test_long_sequence_with_large_steps_stays_finite_and_exact():
+    # steps up to ~20 with A down to -16: exp(dt*A) underflows to 0 and exp-of-cumsum
+    # formulations overflow; the sequential form must not.
+    x = scan_inputs(batch=1, dim=4, seqlen=4096, dstate=16, with_z=False, dtype=torch.float64, delta_scale=20.0)
+    x["A"] = -torch.linspace(0.01, 16, 4 * 16, dtype=torch.float64).view(4, 16)
+    x32 = {k: None if v is None else v.float() for k, v in x.items()}
+    out64, last64 = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
+    out, last = selective_scan(**x32, delta_softplus=True, return_last_state=True)
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
+    assert _rel_err(out, out64) < 1e-5
+    assert _rel_err(last, last64) < 1e-5
+    # gradients stay finite too
+    xg = with_grad(x32)
+    selective_scan(**xg, delta_softplus=True).sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in xg.values() if v is not None)
+
+
+def test_dispatcher_default_on_cpu_is_the_fast_path(monkeypatch):
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    assert resolve_backend(None, "cpu") == "chunked"
+
+
+def test_backend_argument_and_environment_variable_force_a_backend(monkeypatch):
+    calls = []
+    impls = dict(chunked=selective_scan_chunked, reference=selective_scan_reference)
+    import esh.ops.selective_scan as dispatch
+
+    for name, fn in impls.items():
+        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    x = scan_inputs(seqlen=5)
+    selective_scan(**x, backend="reference")
+    monkeypatch.setenv("ESH_SCAN_BACKEND", "reference")
+    selective_scan(**x)
+    selective_scan(**x, backend="chunked")  # the argument wins over the variable
+    monkeypatch.delenv("ESH_SCAN_BACKEND")
+    selective_scan(**x)
+    assert calls == ["reference", "reference", "chunked", "chunked"]
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    x = scan_inputs(seqlen=5)
+    with pytest.raises(ValueError, match="unknown backend 'triton-fast'.*expected one of"):
+        selective_scan(**x, backend="triton-fast")
+    monkeypatch.setenv("ESH_SCAN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="ESH_SCAN_BACKEND"):
+        selective_scan(**x)
+
+
+def test_cuda_backend_unavailable_is_a_clear_error():
+    x = scan_inputs(seqlen=5)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        selective_scan(**x, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_runs_on_cuda():
+    x = {k: None if v is None else v.cuda() for k, v in scan_inputs(seqlen=100).items()}
+    out = selective_scan_chunked(**x, delta_softplus=True)
+    ref = selective_scan_reference(**x, delta_softplus=True)
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_no_grad_forward_saves_nothing_and_matches():
+    x = scan_inputs(seqlen=70)
+    with torch.no_grad():
+        out = selective_scan(**x, delta_softplus=True)
+    assert not out.requires_grad
+    assert _rel_err(out, selective_scan_reference(**x, delta_softplus=True)) < 2e-5
+
+
+def test_default_chunk_keeps_the_working_set_small():
+    # (batch, dim, N) = (4, 1024, 16) is 256 KiB per step: a chunk holds a few steps, not L
+    assert chunked.default_chunk_size(4, 1024, 16, 1024) <= 8
+    assert chunked.default_chunk_size(1, 4, 1, 5) == 5
