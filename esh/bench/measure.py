@@ -70,6 +70,13 @@ def _return_freed_memory_to_os() -> None:
         _malloc_tuned = True
 
 
+def _trim_heap() -> None:
+    """Hand free heap pages back to the OS, so that memory freed by earlier measurements is
+    not silently reused (and so not counted) by the next one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int | None:
     """Bytes allocated at the peak of one call of ``fn`` above what was live before it.
 
@@ -89,6 +96,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | None = None) ->
     _return_freed_memory_to_os()
     fn()  # first call after the malloc change: let allocations settle
     gc.collect()
+    _trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     base = _status_bytes("VmRSS:")

@@ -53,6 +53,8 @@ def _register_with_timm(builder: Callable[..., nn.Module]) -> None:
         # timm passes its own config objects; esh builders carry their pretrained_cfg themselves
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
+        if kwargs.get("cache_dir", "") is None:
+            del kwargs["cache_dir"]
         return builder(pretrained=pretrained, **kwargs)
 
     if builder.__name__ not in timm_registry._model_entrypoints:
