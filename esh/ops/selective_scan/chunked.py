@@ -23,6 +23,7 @@ O(batch * dim * L * N).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +105,48 @@ def _groups(B: Tensor, C: Tensor) -> int:
     return math.lcm(*g) if g else 1
 
 
+def _pre_activation(delta: Tensor, delta_bias: Tensor | None, cdtype: torch.dtype) -> Tensor:
+    """delta + delta_bias in a fresh tensor of the arithmetic dtype."""
+    if delta_bias is None:
+        return delta.to(cdtype, copy=True)
+    return torch.add(delta.to(cdtype), delta_bias.to(cdtype)[:, None])
+
+
 def _effective_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, cdtype) -> Tensor:
-    dt = delta.to(cdtype)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cdtype)[:, None]
-    return F.softplus(dt) if softplus else dt
+    if not softplus:
+        return delta.to(cdtype) if delta_bias is None else _pre_activation(delta, delta_bias, cdtype)
+    dt = _pre_activation(delta, delta_bias, cdtype)
+    return torch.ops.aten.softplus.out(dt, 1, 20, out=dt)  # in place: one (batch, dim, L) tensor
 
 
-def _swap_last2(x: Tensor) -> Tensor:
+# Chunk buffers are reused across calls on the CPU: a fresh 4 MiB buffer costs a thousand
+# page faults every call. At most a few chunk-sized buffers per thread stay allocated
+# (16 MiB for float32 at the default chunk size); ``release_workspace()`` frees them.
+_workspace = threading.local()
+
+
+def _chunk_buffers(count: int, numel: int, like: Tensor) -> list[Tensor]:
+    if like.device.type != "cpu":  # the CUDA caching allocator already does this
+        return [like.new_empty(numel) for _ in range(count)]
+    cache = getattr(_workspace, "buffers", None)
+    if cache is None:
+        cache = _workspace.buffers = {}
+    bufs = cache.get(like.dtype, [])
+    if len(bufs) < count or bufs[0].numel() < numel:
+        bufs = cache[like.dtype] = [like.new_empty(numel) for _ in range(max(count, len(bufs)))]
+    return [b[:numel] for b in bufs[:count]]
+
+
+def release_workspace() -> None:
+    """Free the chunk buffers this thread keeps between calls."""
+    _workspace.buffers = {}
+
+
+def _swap_last2(x: Tensor, out: Tensor | None = None) -> Tensor:
     """Contiguous transpose of the last two axes of a 3-D tensor. Large matrices go one
     2-D transpose at a time, which PyTorch blocks for the cache; small ones in one copy."""
-    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    if out is None:
+        out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
     if x.shape[1] * x.shape[2] < (1 << 16):
         return out.copy_(x.transpose(1, 2))
     for b in range(x.shape[0]):
@@ -130,16 +162,19 @@ class _Prepared:
     step h[:, t] is a (batch, G*N*dim/G) block of contiguous rows.
     """
 
-    def __init__(self, u, A, B, C, dt, dt_s=None, dtu_s=None):
+    def __init__(self, u, A, B, C, dt, dt_s=None, dtu_s=None, scratch=None):
         """``dt`` is the effective step (batch, dim, L); ``dt_s`` and ``dtu_s`` its
-        sequence-major form and that of dt * u, when already known (in the backward)."""
+        sequence-major form and that of dt * u, when already known (in the backward);
+        ``scratch`` a (batch, dim, L) tensor to compute dt * u in."""
         self.cdtype = cdtype = dt.dtype
         self.batch, self.dim, self.seqlen = u.shape
         self.dstate = A.shape[1]
         self.groups = g = _groups(B, C)
         self.dt = dt
         self.dt_s = self.to_seq_major(dt) if dt_s is None else dt_s
-        self.dtu_s = self.to_seq_major(dt * u.to(cdtype)) if dtu_s is None else dtu_s
+        if dtu_s is None:
+            dtu_s = self.to_seq_major(torch.mul(dt, u.to(cdtype), out=scratch))
+        self.dtu_s = dtu_s
         # exp(dt * A) == exp2(dt * A * log2(e)); exp2 is several times cheaper on CPUs
         self.A = A.to(cdtype).view(g, self.dim // g, self.dstate).transpose(1, 2).contiguous()
         self.A2 = self.A * LOG2E
@@ -147,8 +182,7 @@ class _Prepared:
         self.C = _BC(C, g, cdtype)
 
     def buffers(self, chunk: int, count: int) -> list[Tensor]:
-        size = self.batch * chunk * self.dstate * self.dim
-        return [self.dt_s.new_empty(size) for _ in range(count)]
+        return _chunk_buffers(count, self.batch * chunk * self.dstate * self.dim, self.dt_s)
 
     def view(self, flat: Tensor, T: int) -> Tensor:
         g = self.groups
@@ -166,9 +200,9 @@ class _Prepared:
         g = self.groups
         return _swap_last2(x.to(self.cdtype)).view(self.batch, self.seqlen, g, self.dim // g)
 
-    def to_channel_major(self, x: Tensor) -> Tensor:
+    def to_channel_major(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """(batch, L, G, dim/G) -> contiguous (batch, dim, L)."""
-        return _swap_last2(x.reshape(self.batch, self.seqlen, self.dim))
+        return _swap_last2(x.reshape(self.batch, self.seqlen, self.dim), out)
 
     def state_to_input_layout(self, state: Tensor) -> Tensor:
         """(batch, G, N, dim/G) -> (batch, dim, N)."""
@@ -198,9 +232,9 @@ def _chunks(seqlen: int, chunk: int) -> list[tuple[int, int]]:
     return [(t0, min(seqlen, t0 + chunk)) for t0 in range(0, seqlen, chunk)]
 
 
-def _scan_forward(p: _Prepared, chunk: int, save_states: bool):
-    """Returns y (batch, dim, L), the last state (batch, G, N, dim/G) and, when asked, the
-    state entering each chunk."""
+def _scan_forward(p: _Prepared, chunk: int, save_states: bool, y_out: Tensor | None = None):
+    """Returns y (batch, dim, L; in ``y_out`` if given), the last state (batch, G, N, dim/G)
+    and, when asked, the state entering each chunk."""
     a_flat, h_flat = p.buffers(chunk, 2)
     h = p.view(a_flat, 1)[:, 0].clone().zero_()
     y_s = torch.empty_like(p.dt_s)
@@ -214,7 +248,7 @@ def _scan_forward(p: _Prepared, chunk: int, save_states: bool):
         _scan_chunk(a, hb, h)
         y_s[:, t0:t1] = p.C.contract_n(hb, t0, t1)
         h.copy_(hb[:, -1])
-    return p.to_channel_major(y_s), h, states
+    return p.to_channel_major(y_s, y_out), h, states
 
 
 def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: Tensor | None):
@@ -254,16 +288,20 @@ def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: 
 
 
 class SelectiveScanChunked(torch.autograd.Function):
+    # Every (batch, dim, L) tensor below is written in place where the maths allows: on a
+    # CPU a fresh 16 MiB tensor costs more in page faults than the arithmetic done in it.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
         cdtype = compute_dtype(u.dtype)
-        p = _Prepared(u, A, B, C, _effective_delta(delta, delta_bias, delta_softplus, cdtype))
+        dt = _effective_delta(delta, delta_bias, delta_softplus, cdtype)
+        y = torch.empty_like(dt)  # scratch for dt * u first, then the output
+        p = _Prepared(u, A, B, C, dt, scratch=y)
         chunk = chunk or default_chunk_size(p.batch, p.dim, p.dstate, p.seqlen, p.dt_s.element_size())
         needs_grad = any(ctx.needs_input_grad[:8])
-        y, last, states = _scan_forward(p, chunk, save_states=needs_grad)
+        y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y)
         if D is not None:
-            y = torch.addcmul(y, u.to(cdtype), D.to(cdtype)[:, None])
-        out = y if z is None else y * F.silu(z.to(cdtype))
+            y.addcmul_(u.to(cdtype), D.to(cdtype)[:, None])
+        out = y if z is None else F.silu(z.to(cdtype)).mul_(y)
         if needs_grad:
             # dt and its sequence-major forms are O(batch * dim * L): keeping them spares
             # the backward three transposes and a softplus
@@ -281,24 +319,25 @@ class SelectiveScanChunked(torch.autograd.Function):
         dout = dout.to(cdtype)
         dz = None
         if z is not None:
+            # out = y * silu(z); silu'(z) = sigmoid(z) * (1 + z - silu(z))
             zc = z.to(cdtype)
-            sz = torch.sigmoid(zc)
-            dz = (dout * y * sz * (1 + zc * (1 - sz))).to(z.dtype)
-            dout = dout * zc * sz
+            sig = torch.sigmoid(zc)
+            silu = torch.mul(zc, sig)
+            dz = torch.sub(zc, silu).add_(1).mul_(sig).mul_(y).mul_(dout).to(z.dtype)
+            del sig
+            dout = silu.mul_(dout)
         ddt_s, ddtu_s, dA, dB, dC = _scan_backward(p, ctx.chunk, states, dout, dlast)
-        ddtu = p.to_channel_major(ddtu_s)
         uc = u.to(cdtype)
-        ddt = torch.addcmul(p.to_channel_major(ddt_s), ddtu, uc)  # dtu = dt * u
+        ddtu = p.to_channel_major(ddtu_s)
+        ddt = p.to_channel_major(ddt_s).addcmul_(ddtu, uc)  # dtu = dt * u
+        del ddt_s, ddtu_s
         du = ddtu.mul_(dt)
         dD = None
         if D is not None:
-            du = du.addcmul_(dout, D.to(cdtype)[:, None])
-            dD = (dout * uc).sum((0, 2)).to(D.dtype)
+            du.addcmul_(dout, D.to(cdtype)[:, None])
+            dD = torch.einsum("bdl,bdl->d", dout, uc).to(D.dtype)
         if ctx.delta_softplus:
-            pre = delta.to(cdtype)
-            if delta_bias is not None:
-                pre = pre + delta_bias.to(cdtype)[:, None]
-            ddt = ddt.mul_(torch.sigmoid(pre))
+            ddt.mul_(_pre_activation(delta, delta_bias, cdtype).sigmoid_())
         ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
         dA = dA.transpose(1, 2).reshape(p.dim, p.dstate)
         return (
