@@ -215,3 +215,13 @@ def test_non_contiguous_inputs_give_the_same_result():
     assert _rel_err(out_f, out_r) < 1e-12 and _rel_err(last_f, last_r) < 1e-12
     for name in grads_r:
         assert _rel_err(grads_f[name], grads_r[name]) < 1e-11, name
+
+
+def test_reused_workspace_gives_identical_results_across_calls():
+    big = scan_inputs(batch=2, dim=8, seqlen=100, dstate=8)
+    small = scan_inputs(batch=1, dim=4, seqlen=9, dstate=2)
+    first = selective_scan_chunked(**big, delta_softplus=True)
+    selective_scan_chunked(**small, delta_softplus=True)
+    chunked.release_workspace()
+    again = selective_scan_chunked(**big, delta_softplus=True)
+    assert torch.equal(first, again)
