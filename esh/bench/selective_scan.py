@@ -95,18 +95,19 @@ class Floor:
         return numel / self.exp_per_s + numel * itemsize / self.copy_bytes_per_s
 
 
-def measure_floor(state_numel: int, repeats: int = 5) -> Floor:
-    """This machine's exp rate (fastest of exp and exp2) and copy bandwidth for the state size."""
+def measure_floor(state_numel: int, repeats: int = 20) -> Floor:
+    """This machine's exp rate (fastest of exp and exp2) and copy bandwidth for the state
+    size, each the best of ``repeats`` runs: a floor is what the machine can do at best."""
     x = -torch.rand(1 << 22)
     y = torch.empty_like(x)
     exp_time = min(
-        time_call(lambda: torch.exp(x, out=y), repeats=repeats),
-        time_call(lambda: torch.exp2(x, out=y), repeats=repeats),
+        time_call(lambda: torch.exp(x, out=y), repeats=repeats, best=True),
+        time_call(lambda: torch.exp2(x, out=y), repeats=repeats, best=True),
     )
     n = min(state_numel, 1 << 26)  # copies past 256 MiB run at the same DRAM bandwidth
     src = torch.rand(n)
     dst = torch.empty_like(src)
-    copy_time = time_call(lambda: dst.copy_(src), repeats=repeats)
+    copy_time = time_call(lambda: dst.copy_(src), repeats=repeats, best=True)
     return Floor(exp_per_s=x.numel() / exp_time, copy_bytes_per_s=n * 4 / copy_time)
 
 
