@@ -1,1 +1,6 @@
 """Reusable nn.Modules (Mamba mixers, attention, router, MoE) built on ``esh.ops``."""
+
+from .attention import Attention
+from .mambavision_mixer import MambaVisionMixer
+
+__all__ = ["Attention", "MambaVisionMixer"]

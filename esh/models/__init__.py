@@ -3,3 +3,5 @@
 from .registry import UnknownModelError, create_model, is_model, list_models, register_model
 
 __all__ = ["UnknownModelError", "create_model", "is_model", "list_models", "register_model"]
+
+from . import mambavision  # noqa: E402,F401  (registers the MambaVision variants)
