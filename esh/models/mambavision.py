@@ -348,7 +348,11 @@ class MambaVision(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head=True):
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        self.levels = self.levels[: max_index + 1]
+        if max_index < len(self.levels) - 1:
+            self.levels = self.levels[: max_index + 1]
+            self.levels[-1].downsample = None  # its output would never be used
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.norm = nn.BatchNorm2d(self.num_features)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -562,7 +566,7 @@ def _create_mambavision(
     if features_only:
         from timm.models._features import FeatureGetterNet
 
-        return FeatureGetterNet(model, out_indices=out_indices, flatten_sequential=False)
+        return FeatureGetterNet(model, out_indices=tuple(out_indices))
     return model
 
 
