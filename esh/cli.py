@@ -22,6 +22,49 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    from esh.models import create_model
+
+    kwargs = {}
+    if getattr(args, "num_classes", None) is not None:
+        kwargs["num_classes"] = args.num_classes
+    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from esh.inference import predict
+
+    results = predict(_load_model(args), args.images, topk=args.topk, device=args.device, amp=args.amp)
+    for path, preds in zip(args.images, results):
+        print(path)
+        for p in preds:
+            print(f"  {p.probability:7.2%}  {p.index:4d}  {p.name}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from esh.inference import evaluate
+
+    result = evaluate(
+        _load_model(args),
+        args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=args.amp,
+        workers=args.workers,
+        img_size=args.img_size,
+    )
+    print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from esh.info import model_info
+
+    print(model_info(args.model, img_size=args.img_size).format())
+    return 0
+
+
 def _cmd_bench_scan(args: argparse.Namespace) -> int:
     from esh.bench.selective_scan import main_from_args
 
@@ -37,6 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models")
     models.add_argument("pattern", nargs="?", help="wildcard or substring, e.g. 'mambavision*' or 'vim'")
     models.set_defaults(func=_cmd_models)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="a name from `esh models`")
+        p.add_argument("--checkpoint", help="weights: the authors' released file or an esh checkpoint")
+        p.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CPU, float16 on CUDA")
+
+    predict = sub.add_parser("predict", help="top-k ImageNet classes of images")
+    model_args(predict)
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.set_defaults(func=_cmd_predict)
+
+    evaluate = sub.add_parser("eval", help="top-1/top-5 accuracy on an ImageFolder directory")
+    model_args(evaluate)
+    evaluate.add_argument("--data", required=True, help="DIR/<class>/<image> (or DIR/val/<class>/...)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--img-size", type=int, help="evaluate at another resolution")
+    evaluate.add_argument("--num-classes", type=int, help="for checkpoints with another head")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    info = sub.add_parser("info", help="parameters and multiply-adds of a model")
+    info.add_argument("model", help="a name from `esh models`")
+    info.add_argument("--img-size", type=int, help="default: the model's native resolution")
+    info.set_defaults(func=_cmd_info)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -54,7 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        # bad input (a missing file, a checkpoint for another model, ...): one clear line
+        print(f"esh {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

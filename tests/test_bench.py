@@ -33,6 +33,6 @@ def test_baselines_compute_the_same_scan():
 def test_floor_is_positive_and_rows_carry_ratios():
     floor = bench.measure_floor(1 << 16, repeats=1)
     assert floor.exp_per_s > 0 and floor.copy_bytes_per_s > 0
-    rows = bench.bench_shape("t", (1, 8, 16, 4), ["reference", "esh"], floor, repeats=1, memory=False)
+    rows = bench.bench_shape("t", (1, 8, 16, 4), ["reference", "esh"], floor, repeats=1)
     esh_row = rows[-1]
     assert esh_row.method == "esh" and esh_row.speedup_fwd > 0 and esh_row.max_rel_err < 1e-5

@@ -126,39 +126,42 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def _workloads(shape: tuple[int, int, int, int], method: str):
+    """(forward, forward_backward) closures over fresh inputs of ``shape``."""
+    fn = method_fn(method)
+    fwd_inputs = make_inputs(shape)
+    grad_inputs = make_inputs(shape, requires_grad=True)
+
+    def forward():
+        with torch.no_grad():
+            return fn(fwd_inputs)
+
+    def forward_backward():
+        fn(grad_inputs).sum().backward()
+        for t in grad_inputs.values():
+            t.grad = None
+
+    return forward, forward_backward
+
+
 def bench_shape(
     name: str,
     shape: tuple[int, int, int, int],
     methods: Sequence[str],
     floor: Floor,
     repeats: int = 5,
-    memory: bool = True,
     max_seconds: float = 20.0,
 ) -> list[Row]:
+    """Times (no memory: see ``measure_peaks``) of every method on one shape."""
     rows = []
-    fwd_inputs = make_inputs(shape)
-    grad_inputs = make_inputs(shape, requires_grad=True)
-    numel = math.prod(shape)
-    reference_out = None
     outputs = {}
     for method in methods:
-        fn = method_fn(method)
-
-        def forward(fn=fn):
-            with torch.no_grad():
-                return fn(fwd_inputs)
-
-        def forward_backward(fn=fn):
-            fn(grad_inputs).sum().backward()
-            for t in grad_inputs.values():
-                t.grad = None
-
+        forward, forward_backward = _workloads(shape, method)
         slow = method == "reference"  # one timed call of the loop is plenty
         outputs[method] = forward()
         fwd = time_call(forward, repeats=1 if slow else repeats, warmup=0 if slow else 1, max_seconds=max_seconds)
         fb = time_call(forward_backward, repeats=1 if slow else repeats, warmup=1, max_seconds=max_seconds)
-        peak = peak_memory(forward_backward) if memory else None
-        rows.append(Row(name, shape, method, fwd, fb, peak, floor.seconds(numel)))
+        rows.append(Row(name, shape, method, fwd, fb, None, floor.seconds(math.prod(shape))))
     reference_out = outputs.get("reference")
     baselines = [r for r in rows if r.method != "esh"]
     for r in rows:
@@ -169,6 +172,14 @@ def bench_shape(
             r.speedup_fwd = min(b.fwd_s for b in baselines) / r.fwd_s
             r.speedup_fwd_bwd = min(b.fwd_bwd_s for b in baselines) / r.fwd_bwd_s
     return rows
+
+
+def measure_peaks(rows: Sequence[Row]) -> None:
+    """Fill in the peak memory of forward+backward. Run after all timings: measuring memory
+    makes the allocator return freed memory to the OS, which slows every later call."""
+    for r in rows:
+        _, forward_backward = _workloads(r.shape, r.method)
+        r.peak_bytes = peak_memory(forward_backward)
 
 
 def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
@@ -206,7 +217,9 @@ def run(
     floor = measure_floor(max(math.prod(s) for s in shapes.values()))
     rows: list[Row] = []
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, methods, floor, repeats=repeats, memory=memory, max_seconds=max_seconds)
+        rows += bench_shape(name, shape, methods, floor, repeats=repeats, max_seconds=max_seconds)
+    if memory:
+        measure_peaks(rows)
     print_fn(format_table(rows, floor, torch.get_num_threads()))
     return rows
 

@@ -1,0 +1,150 @@
+"""Prediction and evaluation with any esh (or timm) image classifier.
+
+Preprocessing is the model's own evaluation recipe, read from its ``pretrained_cfg``
+(input size, crop_pct, crop mode, interpolation, mean, std) through timm's transforms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from esh._compat import import_timm, import_torchvision
+
+
+def eval_transform(model: nn.Module, img_size: int | None = None) -> Callable:
+    """The model's evaluation preprocessing (timm ``create_transform`` from its pretrained_cfg)."""
+    timm = import_timm()
+    cfg = timm.data.resolve_data_config(model=model)
+    if img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
+    crop_mode = getattr(model, "pretrained_cfg", {}).get("crop_mode", "center")
+    return timm.data.create_transform(**cfg, crop_mode=crop_mode, is_training=False)
+
+
+def load_image(path: str | os.PathLike):
+    """An RGB PIL image, or a ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1K class descriptions in index order (shipped with timm)."""
+    info = import_timm().data.ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class Prediction:
+    index: int
+    name: str
+    probability: float
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    images: Sequence[str | os.PathLike],
+    topk: int = 5,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> list[list[Prediction]]:
+    """Top-k classes with probabilities for each image file."""
+    device = torch.device(device)
+    model = model.eval().to(device)
+    transform = eval_transform(model)
+    batch = torch.stack([transform(load_image(p)) for p in images]).to(device)
+    with _autocast(device, amp):
+        probs = model(batch).float().softmax(-1)
+    if class_names is None:
+        class_names = imagenet_class_names() if probs.shape[-1] == 1000 else [str(i) for i in range(probs.shape[-1])]
+    values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    return [
+        [Prediction(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, idx)]
+        for vs, idx in zip(values, indices)
+    ]
+
+
+def _label_map(classes: list[str], num_classes: int) -> list[int]:
+    """Model output index for each folder: ImageNet synsets by name, otherwise in order."""
+    info = import_timm().data.ImageNetInfo()
+    synsets = {info.index_to_label_name(i): i for i in range(info.num_classes())}
+    if num_classes == len(synsets) and all(c in synsets for c in classes):
+        return [synsets[c] for c in classes]
+    if len(classes) == num_classes:
+        return list(range(num_classes))
+    raise ValueError(
+        f"the data has {len(classes)} class folders ({', '.join(classes[:5])}...) but the model predicts "
+        f"{num_classes} classes; name the folders by ImageNet synset (n01440764, ...) or use a model "
+        f"with num_classes={len(classes)}"
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data_dir: str | os.PathLike,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+    img_size: int | None = None,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``)."""
+    tv = import_torchvision()
+    from tqdm.auto import tqdm
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"data directory {root} does not exist")
+    if (root / "val").is_dir() and not any(p.suffix for p in (root / "val").iterdir() if p.is_file()):
+        root = root / "val"
+    device = torch.device(device)
+    model = model.eval().to(device)
+
+    def loader(path: str):
+        return load_image(path)
+
+    try:
+        dataset = tv.datasets.ImageFolder(str(root), transform=eval_transform(model, img_size), loader=loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
+    num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
+    target_map = torch.tensor(_label_map(dataset.classes, num_classes))
+    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    correct1 = correct5 = seen = 0
+    bar = tqdm(data, desc=f"eval {root.name}", unit="batch", disable=not progress)
+    for images, targets in bar:
+        targets = target_map[targets].to(device)
+        with _autocast(device, amp):
+            logits = model(images.to(device)).float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += int((top[:, 0] == targets).sum())
+        correct5 += int((top == targets[:, None]).any(-1).sum())
+        seen += len(targets)
+        bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}", top5=f"{100 * correct5 / seen:.2f}")
+    if seen == 0:
+        raise ValueError(f"no images found under {root}")
+    return {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "images": seen}
