@@ -65,11 +65,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from esh.export import export_model
+
+    model = _load_model(args)
+    result = export_model(model, args.out, args.format, img_size=args.img_size, batch_size=args.batch_size)
+    shape = "x".join(map(str, result.input_shape))
+    diff = f"max relative difference to eager {result.max_rel_diff:.1e}"
+    print(f"wrote {result.path} ({result.format}, input {shape}); {diff}")
+    return 0
+
+
+def _cmd_bench_vision(args: argparse.Namespace) -> int:
+    from esh.bench.vision_throughput import main_from_args
+
+    main_from_args(args)
+    return 0
+
+
 def _cmd_bench_scan(args: argparse.Namespace) -> int:
     from esh.bench.selective_scan import main_from_args
 
     main_from_args(args)
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that report bad input or a missing resource, shown as one line."""
+    from esh.export import ExportError
+    from esh.models._checkpoint import WeightsUnavailableError
+    from esh.ops import BackendUnavailableError
+
+    return (ExportError, WeightsUnavailableError, BackendUnavailableError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--img-size", type=int, help="default: the model's native resolution")
     info.set_defaults(func=_cmd_info)
 
+    export = sub.add_parser("export", help="ONNX or TorchScript, checked against eager after writing")
+    model_args(export)
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    export.add_argument("--out", required=True)
+    export.add_argument("--img-size", type=int, help="default: the model's native resolution")
+    export.add_argument("--batch-size", type=int, default=1)
+    export.set_defaults(func=_cmd_export)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     scan = bench_sub.add_parser("scan", help="selective scan: esh vs the reference loop and mambapy")
@@ -115,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(scan)
     scan.set_defaults(func=_cmd_bench_scan)
+    vision = bench_sub.add_parser("vision", help="images/s of esh's vision models beside timm's")
+    from esh.bench import vision_throughput
+
+    vision_throughput.add_arguments(vision)
+    vision.set_defaults(func=_cmd_bench_vision)
     return parser
 
 
@@ -126,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, OSError, *_user_errors()) as e:
         # bad input (a missing file, a checkpoint for another model, ...): one clear line
         print(f"esh {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -24,8 +24,7 @@ def eval_transform(model: nn.Module, img_size: int | None = None) -> Callable:
     cfg = timm.data.resolve_data_config(model=model)
     if img_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
-    crop_mode = getattr(model, "pretrained_cfg", {}).get("crop_mode", "center")
-    return timm.data.create_transform(**cfg, crop_mode=crop_mode, is_training=False)
+    return timm.data.create_transform(**cfg, is_training=False)
 
 
 def load_image(path: str | os.PathLike):
@@ -81,8 +80,7 @@ def predict(
         class_names = imagenet_class_names() if probs.shape[-1] == 1000 else [str(i) for i in range(probs.shape[-1])]
     values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     return [
-        [Prediction(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, idx)]
-        for vs, idx in zip(values, indices)
+        [Prediction(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, idx)] for vs, idx in zip(values, indices)
     ]
 
 

@@ -9,9 +9,8 @@ convention (9 FLOPs) of mamba_ssm's reference FLOP counter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,13 +39,15 @@ class ModelInfo:
                 f"{self.name}: {self.params / 1e6:.2f}M parameters, input {c}x{h}x{w}",
                 f"  conv + linear    {self.macs_matmul_conv / 1e9:8.2f} GMACs  (the convention of the official tables)",
                 f"  attention (SDPA) {self.macs_attention / 1e9:8.2f} GMACs",
-                f"  selective scan   {self.flops_scan / 1e9:8.2f} GFLOPs ({SCAN_FLOPS_PER_ELEMENT} per state element and step)",
+                f"  selective scan   {self.flops_scan / 1e9:8.2f} GFLOPs "
+                f"({SCAN_FLOPS_PER_ELEMENT} per state element and step)",
                 f"  total            {self.total_gflops:8.2f} GFLOPs (2 per multiply-add)",
             ]
         )
 
 
-_ATTENTION_OPS = ("scaled_dot_product", "_flash_attention", "_efficient_attention")
+# attention: SDPA, or the batched matmuls it decomposes into on the meta device
+_ATTENTION_OPS = ("scaled_dot_product", "_flash_attention", "_efficient_attention", "aten.bmm")
 
 
 def count_model(model: nn.Module, input_size: tuple[int, int, int], name: str = "model") -> ModelInfo:
@@ -72,7 +73,8 @@ def count_model(model: nn.Module, input_size: tuple[int, int, int], name: str = 
             meta.eval()(x)
     finally:
         dispatch._IMPLS.update(original)
-    macs_attention = sum(v for op, v in counter.get_flop_counts()["Global"].items() if any(a in str(op) for a in _ATTENTION_OPS)) / 2
+    by_op = counter.get_flop_counts()["Global"]
+    macs_attention = sum(v for op, v in by_op.items() if any(a in str(op) for a in _ATTENTION_OPS)) / 2
     total = counter.get_total_flops() / 2
     return ModelInfo(name, params, tuple(input_size), total - macs_attention, macs_attention, scan_flops[0])
 
@@ -83,7 +85,7 @@ def model_info(name: str, img_size: int | None = None, **kwargs) -> ModelInfo:
 
     with torch.device("meta"):
         model = create_model(name, **kwargs)
-    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
+    c, h, w = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
     if img_size is not None:
         h = w = img_size
     return count_model(model, (c, h, w), name)

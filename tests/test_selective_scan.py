@@ -225,3 +225,13 @@ def test_reused_workspace_gives_identical_results_across_calls():
     chunked.release_workspace()
     again = selective_scan_chunked(**big, delta_softplus=True)
     assert torch.equal(first, again)
+
+
+def test_workspace_survives_switching_in_and_out_of_inference_mode():
+    x = scan_inputs(seqlen=40)
+    with torch.inference_mode():
+        inside = selective_scan_chunked(**x, delta_softplus=True)
+    outside = selective_scan_chunked(**x, delta_softplus=True)
+    torch.testing.assert_close(inside, outside)
+    with torch.inference_mode():
+        torch.testing.assert_close(selective_scan_chunked(**x, delta_softplus=True), outside)

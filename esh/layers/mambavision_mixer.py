@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from esh.ops import selective_scan
 
 
+def _conv1d_same(x: Tensor, weight: Tensor) -> Tensor:
+    """Depthwise conv1d with PyTorch's "same" padding, written with explicit pads so that it
+    exports to ONNX (the same zeros: (k-1)//2 on the left, k//2 on the right)."""
+    k = weight.shape[-1]
+    left, right = (k - 1) // 2, k // 2
+    if left == right:
+        return F.conv1d(x, weight, padding=left, groups=x.shape[1])
+    return F.conv1d(F.pad(x, (left, right)), weight, groups=x.shape[1])
+
+
 class MambaVisionMixer(nn.Module):
     def __init__(
         self,
@@ -55,12 +65,10 @@ class MambaVisionMixer(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
-        batch, seqlen, _ = hidden_states.shape
-        half = self.d_inner // 2
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(F.conv1d(x, self.conv1d_x.weight, padding="same", groups=half))
-        z = F.silu(F.conv1d(z, self.conv1d_z.weight, padding="same", groups=half))
+        x = F.silu(_conv1d_same(x, self.conv1d_x.weight))
+        z = F.silu(_conv1d_same(z, self.conv1d_z.weight))
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj applies its bias and the scan adds it again: the official model's softplus

@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Released weights could not be downloaded (offline, or no such file on the hub)."""
+
+
 def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():

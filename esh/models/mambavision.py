@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from esh._compat import import_timm
 from esh.layers import Attention, MambaVisionMixer
-from esh.models._checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint, strip_prefix
+from esh.models._checkpoint import (
+    CheckpointError,
+    WeightsUnavailableError,
+    extract_state_dict,
+    load_into,
+    read_checkpoint,
+    strip_prefix,
+)
 from esh.models.registry import register_model
 
 _timm = import_timm()
@@ -539,7 +546,7 @@ def _download(cfg: dict, variant: str, cache_dir: str | None) -> str:
     try:
         return hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
     except Exception as e:  # offline, no such repo, HTTP errors: all end the same way
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not download the {variant} weights from the Hugging Face hub ({cfg['hf_hub_id']}: "
             f"{type(e).__name__}: {e}). Without network access, download {cfg['hf_hub_filename']} from "
             f"https://huggingface.co/{cfg['hf_hub_id']} (or the training file {cfg['official_filename']}) "

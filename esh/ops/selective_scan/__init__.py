@@ -15,6 +15,8 @@ dispatcher takes the fastest backend that can run the inputs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 from torch import Tensor
@@ -35,6 +37,7 @@ __all__ = [
     "selective_scan_reference",
     "selective_state_update",
     "selective_state_update_reference",
+    "use_backend",
 ]
 
 BACKENDS = ("reference", "chunked", "cuda")
@@ -53,9 +56,26 @@ def available_backends(device_type: str = "cpu") -> list[str]:
     return names
 
 
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("esh_scan_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run every ``selective_scan`` call without an explicit ``backend=`` on ``name`` inside
+    the block (export uses the reference loop: plain ops that ONNX and TorchScript know)."""
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def resolve_backend(backend: str | None, device_type: str) -> str:
-    """The backend a call will use: the argument, else ``$ESH_SCAN_BACKEND``, else the fastest."""
+    """The backend a call will use: the argument, else ``use_backend``'s, else
+    ``$ESH_SCAN_BACKEND``, else the fastest available."""
     source = "backend="
+    if backend is None:
+        backend, source = _forced.get(), "use_backend"
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
     if backend is None:

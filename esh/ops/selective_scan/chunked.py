@@ -131,9 +131,11 @@ def _chunk_buffers(count: int, numel: int, like: Tensor) -> list[Tensor]:
     cache = getattr(_workspace, "buffers", None)
     if cache is None:
         cache = _workspace.buffers = {}
-    bufs = cache.get(like.dtype, [])
+    # tensors made under inference_mode cannot be written outside it: one set per mode
+    key = (like.dtype, torch.is_inference_mode_enabled())
+    bufs = cache.get(key, [])
     if len(bufs) < count or bufs[0].numel() < numel:
-        bufs = cache[like.dtype] = [like.new_empty(numel) for _ in range(max(count, len(bufs)))]
+        bufs = cache[key] = [like.new_empty(numel) for _ in range(max(count, len(bufs)))]
     return [b[:numel] for b in bufs[:count]]
 
 
