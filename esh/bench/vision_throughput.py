@@ -97,10 +97,10 @@ def run(
         fp32 = r.images_per_s["fp32"]
         ratio = f"{fp32 / base[r.batch]:.2f}x" if r.batch in base else ""
         achieved = fp32 * r.gflops_per_image
-        extra = " | ".join(f"{r.images_per_s[m]:.1f}" for m in modes if m != "fp32")
+        extra = "".join(f" {r.images_per_s[m]:.1f} |" for m in modes if m != "fp32")
         lines.append(
             f"| {r.model} | {r.batch} | {r.gflops_per_image:.2f} | {fp32:.1f} | {ratio} "
-            f"| {achieved:.0f} ({100 * achieved / peak:.0f}%) | {extra} |"
+            f"| {achieved:.0f} ({100 * achieved / peak:.0f}%) |{extra}"
         )
     print_fn("\n".join(lines))
     return rows
