@@ -450,68 +450,33 @@ def _cfg(hf_hub_id: str, filename: str, **kwargs) -> dict:
     }
 
 
-_SMALL = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(2, 4, 8, 16))
-_LARGE = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(4, 8, 16, 32))
+# architectures (facts/mambavision.md table 1.1); the 21K models reuse the 1K ones' shapes
+_SMALL_HEADS = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(2, 4, 8, 16))
+_LARGE_HEADS = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(4, 8, 16, 32))
+_T = dict(dim=80, in_dim=32, depths=(1, 3, 8, 4), drop_path_rate=0.2, **_SMALL_HEADS)
+_T2 = dict(_T, depths=(1, 3, 11, 4))
+_S = dict(dim=96, in_dim=64, depths=(3, 3, 7, 5), drop_path_rate=0.2, **_SMALL_HEADS)
+_B = dict(dim=128, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_scale=1e-5, **_SMALL_HEADS)
+_L = dict(_B, dim=196, **_LARGE_HEADS)
+_L2 = dict(_L, depths=(3, 3, 12, 5))
+_L3 = dict(_L, dim=256, depths=(3, 3, 20, 10), drop_path_rate=0.5)
+_AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
+
 _VARIANTS: dict[str, tuple[dict, dict]] = {
-    "mambavision_t": (
-        dict(dim=80, in_dim=32, depths=(1, 3, 8, 4), drop_path_rate=0.2, **_SMALL),
-        _cfg("nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar"),
-    ),
-    "mambavision_t2": (
-        dict(dim=80, in_dim=32, depths=(1, 3, 11, 4), drop_path_rate=0.2, **_SMALL),
-        _cfg("nvidia/MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98),
-    ),
-    "mambavision_s": (
-        dict(dim=96, in_dim=64, depths=(3, 3, 7, 5), drop_path_rate=0.2, **_SMALL),
-        _cfg("nvidia/MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93),
-    ),
-    "mambavision_b": (
-        dict(dim=128, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_scale=1e-5, **_SMALL),
-        _cfg("nvidia/MambaVision-B-1K", "mambavision_base_1k.pth.tar"),
-    ),
-    "mambavision_l": (
-        dict(dim=196, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_scale=1e-5, **_LARGE),
-        _cfg("nvidia/MambaVision-L-1K", "mambavision_large_1k.pth.tar"),
-    ),
-    "mambavision_l2": (
-        dict(dim=196, in_dim=64, depths=(3, 3, 12, 5), drop_path_rate=0.3, layer_scale=1e-5, **_LARGE),
-        _cfg("nvidia/MambaVision-L2-1K", "mambavision_large2_1k.pth.tar"),
-    ),
-    "mambavision_b_21k": (
-        dict(dim=128, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_scale=1e-5, **_SMALL),
-        _cfg("nvidia/MambaVision-B-21K", "mambavision_base_21k.pth.tar"),
-    ),
-    "mambavision_l_21k": (
-        dict(dim=196, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_scale=1e-5, **_LARGE),
-        _cfg("nvidia/MambaVision-L-21K", "mambavision_large_21k.pth.tar"),
-    ),
+    "mambavision_t": (_T, _cfg("nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar")),
+    "mambavision_t2": (_T2, _cfg("nvidia/MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98)),
+    "mambavision_s": (_S, _cfg("nvidia/MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93)),
+    "mambavision_b": (_B, _cfg("nvidia/MambaVision-B-1K", "mambavision_base_1k.pth.tar")),
+    "mambavision_l": (_L, _cfg("nvidia/MambaVision-L-1K", "mambavision_large_1k.pth.tar")),
+    "mambavision_l2": (_L2, _cfg("nvidia/MambaVision-L2-1K", "mambavision_large2_1k.pth.tar")),
+    "mambavision_b_21k": (_B, _cfg("nvidia/MambaVision-B-21K", "mambavision_base_21k.pth.tar")),
+    "mambavision_l_21k": (_L, _cfg("nvidia/MambaVision-L-21K", "mambavision_large_21k.pth.tar")),
     "mambavision_l2_512_21k": (
-        dict(
-            dim=196,
-            in_dim=64,
-            depths=(3, 3, 12, 5),
-            drop_path_rate=0.3,
-            layer_scale=1e-5,
-            **{**_LARGE, "window_size": (8, 8, 32, 16)},
-        ),
-        _cfg(
-            "nvidia/MambaVision-L2-512-21K",
-            "mambavision_L2_21k_240m_512.pth.tar",
-            input_size=(3, 512, 512),
-            pool_size=(16, 16),
-            crop_pct=0.93,
-            crop_mode="squash",
-        ),
+        dict(_L2, window_size=(8, 8, 32, 16)),
+        _cfg("nvidia/MambaVision-L2-512-21K", "mambavision_L2_21k_240m_512.pth.tar", **_AT_512),
     ),
     "mambavision_l3_256_21k": (
-        dict(
-            dim=256,
-            in_dim=64,
-            depths=(3, 3, 20, 10),
-            drop_path_rate=0.5,
-            layer_scale=1e-5,
-            **{**_LARGE, "window_size": (8, 8, 16, 8)},
-        ),
+        dict(_L3, window_size=(8, 8, 16, 8)),
         _cfg(
             "nvidia/MambaVision-L3-256-21K",
             "mambavision_L3_21k_740m_256.pth.tar",
@@ -520,22 +485,8 @@ _VARIANTS: dict[str, tuple[dict, dict]] = {
         ),
     ),
     "mambavision_l3_512_21k": (
-        dict(
-            dim=256,
-            in_dim=64,
-            depths=(3, 3, 20, 10),
-            drop_path_rate=0.5,
-            layer_scale=1e-5,
-            **{**_LARGE, "window_size": (8, 8, 32, 16)},
-        ),
-        _cfg(
-            "nvidia/MambaVision-L3-512-21K",
-            "mambavision_L3_21k_740m_512.pth.tar",
-            input_size=(3, 512, 512),
-            pool_size=(16, 16),
-            crop_pct=0.93,
-            crop_mode="squash",
-        ),
+        dict(_L3, window_size=(8, 8, 32, 16)),
+        _cfg("nvidia/MambaVision-L3-512-21K", "mambavision_L3_21k_740m_512.pth.tar", **_AT_512),
     ),
 }
 
