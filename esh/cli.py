@@ -76,6 +76,63 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_FLAGS = {
+    # flag: (type, help); defaults live in TrainConfig, so that --resume keeps the saved ones
+    "model": (str, "model name (default: mambavision_nano, esh's CPU-sized hybrid)"),
+    "data": (str, "'digits' (embedded MNIST-5k), DIR with train/ and val/, FILE.npz, or hf:NAME"),
+    "epochs": (int, "epochs (default 8)"),
+    "batch_size": (int, "batch size (default 64)"),
+    "lr": (float, "peak learning rate (default 3e-3)"),
+    "weight_decay": (float, "weight decay (default 0.05)"),
+    "optimizer": (str, "timm optimizer: adamw, lamb, sgd, ... (default adamw)"),
+    "warmup_epochs": (float, "linear warm-up epochs before the cosine decay (default 1)"),
+    "img_size": (int, "input size (default: the model's)"),
+    "num_classes": (int, "default: the number of classes in the data"),
+    "checkpoint": (str, "initial weights"),
+    "out": (str, "output directory (default runs/train)"),
+    "device": (str, "cpu, cuda, cuda:1, mps"),
+    "seed": (int, "seed for everything (default 0)"),
+    "workers": (int, "data-loading processes (default 0)"),
+    "log": (str, "csv (always written), tensorboard or wandb"),
+    "grad_accum": (int, "gradient accumulation steps"),
+    "clip_grad": (float, "gradient-norm clipping (default 5; 0 disables)"),
+    "label_smoothing": (float, "default 0.1"),
+    "mixup": (float, "mixup alpha (default 0: off)"),
+    "cutmix": (float, "cutmix alpha (default 0: off)"),
+    "ema_decay": (float, "model EMA decay, with --ema"),
+    "randaug": (str, "RandAugment policy, e.g. rand-m9-mstd0.5"),
+    "hflip": (float, "horizontal-flip probability (default 0: digits are not symmetric)"),
+    "color_jitter": (float, "colour jitter strength"),
+    "re_prob": (float, "random-erasing probability"),
+    "max_steps": (int, "stop after this many optimizer steps"),
+    "save_every": (int, "also checkpoint every N optimizer steps"),
+}
+_TRAIN_SWITCHES = {
+    "amp": "bfloat16 autocast on CPU, float16 with a grad scaler on CUDA",
+    "ema": "keep an EMA of the weights and validate it too",
+    "grad_checkpointing": "recompute blocks in the backward to save memory",
+    "channels_last": "channels-last memory format",
+    "compile": "torch.compile the model",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from esh.train import TrainConfig, train
+
+    overrides = {
+        k: getattr(args, k) for k in (*_TRAIN_FLAGS, *_TRAIN_SWITCHES) if getattr(args, k) not in (None, False)
+    }
+    if args.smoke_test:
+        overrides.setdefault("epochs", 1)
+        overrides.setdefault("max_steps", 20)
+    result = train(resume=args.resume, **overrides) if args.resume else train(TrainConfig(**overrides))
+    print(
+        f"best validation accuracy {result['best_val_acc']:.2f}%, final {result['final_val_acc']:.2f}%; "
+        f"checkpoint {result['checkpoint']} (outputs in {result['out']})"
+    )
+    return 0
+
+
 def _cmd_bench_vision(args: argparse.Namespace) -> int:
     from esh.bench.vision_throughput import main_from_args
 
@@ -114,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CPU, float16 on CUDA")
+
+    train = sub.add_parser("train", help="train a model (default: esh's hybrid on the embedded digits)")
+    for name, (kind, text) in _TRAIN_FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    for name, text in _TRAIN_SWITCHES.items():
+        train.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    train.add_argument("--resume", help="an output directory (or its last.pth) to continue exactly")
+    train.add_argument("--smoke-test", action="store_true", help="one epoch of at most 20 steps")
+    train.set_defaults(func=_cmd_train)
 
     predict = sub.add_parser("predict", help="top-k ImageNet classes of images")
     model_args(predict)

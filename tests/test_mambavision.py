@@ -35,6 +35,10 @@ def _tiny(**kwargs) -> mv.MambaVision:
     return mv.MambaVision(**{**TINY, **kwargs}).eval()
 
 
+def test_every_released_variant_is_registered():
+    assert set(esh.list_models("mambavision*")) == set(OFFICIAL) | {"mambavision_nano"}
+
+
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_every_variant_has_the_official_parameter_count(name):
     with torch.device("meta"):

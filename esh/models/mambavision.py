@@ -430,7 +430,7 @@ def load_checkpoint(model: MambaVision, path: str | os.PathLike, variant: str = 
 
 
 # --- configurations -----------------------------------------------------------------------
-def _cfg(hf_hub_id: str, filename: str, **kwargs) -> dict:
+def _cfg(hf_hub_id: str | None, filename: str | None, **kwargs) -> dict:
     return {
         "hf_hub_id": hf_hub_id,
         "hf_hub_filename": "model.safetensors",
@@ -462,7 +462,17 @@ _L2 = dict(_L, depths=(3, 3, 12, 5))
 _L3 = dict(_L, dim=256, depths=(3, 3, 20, 10), drop_path_rate=0.5)
 _AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
 
+# not an official release: esh's CPU-sized configuration, the default model of `esh train`
+# (56x56 input: the stage-3/4 maps of 4x4 and 2x2 are each one window)
+_NANO = dict(
+    dim=32, in_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8), window_size=(8, 8, 4, 2), drop_path_rate=0.0
+)
+
 _VARIANTS: dict[str, tuple[dict, dict]] = {
+    "mambavision_nano": (
+        _NANO,
+        _cfg(None, None, input_size=(3, 56, 56), pool_size=(2, 2), license="esh configuration, no released weights"),
+    ),
     "mambavision_t": (_T, _cfg("nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar")),
     "mambavision_t2": (_T2, _cfg("nvidia/MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98)),
     "mambavision_s": (_S, _cfg("nvidia/MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93)),
@@ -494,6 +504,8 @@ _VARIANTS: dict[str, tuple[dict, dict]] = {
 def _download(cfg: dict, variant: str, cache_dir: str | None) -> str:
     from huggingface_hub import hf_hub_download
 
+    if cfg["hf_hub_id"] is None:
+        raise WeightsUnavailableError(f"{variant} has no released weights; train it with `esh train --model {variant}`")
     try:
         return hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
     except Exception as e:  # offline, no such repo, HTTP errors: all end the same way

@@ -1,0 +1,460 @@
+"""One trainer for every esh vision model and any timm model.
+
+Built from timm's pieces (optimizers, cosine schedule with warm-up stepped per update,
+label-smoothing and mixup losses, model EMA, transforms). A model may contribute its own
+loss terms: if it has ``auxiliary_losses()``, the trainer calls it after each forward; every
+returned entry whose name starts with ``loss`` is added to the objective, the others are only
+logged (the ESH models use this for ponder cost and routing statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from esh._compat import import_timm
+from esh.data.datasets import build_datasets, collate_check
+from esh.models import create_model
+from esh.models._checkpoint import CheckpointError
+from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
+
+DEFAULT_MODEL = "mambavision_nano"
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    data: str = "digits"
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    img_size: int | None = None
+    num_classes: int | None = None
+    checkpoint: str | None = None  # initial weights
+    amp: bool = False
+    grad_accum: int = 1
+    clip_grad: float | None = 5.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    randaug: str | None = None  # e.g. "rand-m9-mstd0.5"
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    re_prob: float = 0.0
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    out: str = "runs/train"
+    log: str = "csv"
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+    save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone, so a resumed run sees the same order;
+    ``skip`` drops the batches already done in the epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.skip :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _transforms(model: nn.Module, cfg: TrainConfig):
+    timm = import_timm()
+    data_cfg = timm.data.resolve_data_config(model=model)
+    size = cfg.img_size or data_cfg["input_size"][-1]
+    common = dict(
+        input_size=(3, size, size), interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"]
+    )
+    train = timm.data.create_transform(
+        **common,
+        is_training=True,
+        scale=(0.8, 1.0),
+        hflip=cfg.hflip,
+        auto_augment=cfg.randaug,
+        color_jitter=cfg.color_jitter,
+        re_prob=cfg.re_prob,
+    )
+    val = timm.data.create_transform(**common, is_training=False, crop_pct=1.0)
+    return train, val
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.out = Path(cfg.out)
+        seed_everything(cfg.seed)
+        self.train_set, self.val_set, self.classes = build_datasets(cfg.data, seed=cfg.seed)
+        self.num_classes = cfg.num_classes or len(self.classes)
+        if self.num_classes < len(self.classes):
+            raise ValueError(f"the data has {len(self.classes)} classes but num_classes={self.num_classes}")
+        self.model = create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=self.num_classes)
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+        self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
+        self.sampler = EpochSampler(len(self.train_set), cfg.seed)
+        # the loader draws worker seeds from its own generator, not the global RNG that the
+        # augmentations use, so that a resumed run replays the same random numbers
+        self.loader = DataLoader(
+            self.train_set,
+            cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.val_loader = DataLoader(self.val_set, cfg.batch_size, num_workers=cfg.workers)
+        self.steps_per_epoch = max(1, len(self.train_set) // cfg.batch_size // cfg.grad_accum)
+        import_timm()
+        import timm.loss
+        import timm.optim
+        import timm.scheduler
+        import timm.utils
+
+        self.optimizer = timm.optim.create_optimizer_v2(
+            self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler, _ = timm.scheduler.create_scheduler_v2(
+            self.optimizer,
+            sched="cosine",
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 1e-3,
+            min_lr=cfg.min_lr,
+            updates_per_epoch=self.steps_per_epoch,
+            step_on_epochs=False,
+        )
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = timm.data.Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.num_classes,
+            )
+            self.criterion = timm.loss.SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and amp_dtype == torch.float16)
+        self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.best_acc, self.history = -1.0, []
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "arch": self.cfg.model,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_acc": self.best_acc,
+            "history": self.history,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "config": asdict(self.cfg),
+        }
+
+    def save(self, name: str = "last.pth") -> Path:
+        path = self.out / name
+        atomic_save(self.state(), path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "last.pth"
+        ckpt = load_training_checkpoint(path)
+        if ckpt.get("arch") != self.cfg.model:
+            raise CheckpointError(f"{path} was written for {ckpt.get('arch')}, not {self.cfg.model}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{path} does not fit {self.cfg.model} with {self.num_classes} classes: {e}"
+            ) from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step, self.best_acc, self.history = ckpt["global_step"], ckpt["best_acc"], list(ckpt["history"])
+
+    # --- loops --------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.criterion(logits.float(), targets)
+        logged = {}
+        aux_fn = getattr(self.model, "auxiliary_losses", None)
+        if callable(aux_fn):
+            for name, value in aux_fn().items():
+                if name.startswith("loss"):
+                    loss = loss + value
+                logged[name] = float(value.detach())
+        return loss, logged
+
+    def train_epoch(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        self.sampler.epoch, self.sampler.skip = self.epoch, self.step_in_epoch * cfg.batch_size * cfg.grad_accum
+        total = correct = 0
+        loss_sum = 0.0
+        start = time.perf_counter()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        micro = 0
+        for images, targets in self.loader:
+            if self.step_in_epoch >= self.steps_per_epoch:
+                break
+            collate_check(self.num_classes, targets, cfg.data)
+            images, targets = images.to(self.device), targets.to(self.device)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            hard_targets = targets
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with self.autocast():
+                logits = self.forward_model(images)
+            loss, logged = self._loss(logits, targets)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            micro += 1
+            loss_sum += float(loss.detach()) * len(images)
+            correct += int((logits.argmax(-1) == hard_targets).sum())
+            total += len(images)
+            if micro % cfg.grad_accum:
+                continue
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            self.scheduler.step_update(num_updates=self.global_step)
+            lr = self.optimizer.param_groups[0]["lr"]
+            rate = total / (time.perf_counter() - start)
+            bar.set_postfix(
+                loss=f"{loss_sum / total:.3f}",
+                acc=f"{100 * correct / total:.1f}",
+                lr=f"{lr:.2e}",
+                img_s=f"{rate:.0f}",
+                **{k: f"{v:.3g}" for k, v in logged.items()},
+            )
+            bar.update(1)
+            if cfg.save_every and self.global_step % cfg.save_every == 0:
+                self.save()
+            if cfg.max_steps and self.global_step >= cfg.max_steps:
+                break
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": loss_sum / max(total, 1),
+            "train_acc": 100 * correct / max(total, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": total / max(seconds, 1e-9),
+        }
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module | None = None) -> dict[str, float]:
+        model = model or self.model
+        model.eval()
+        loss_sum, correct, total = 0.0, 0, 0
+        for images, targets in self.val_loader:
+            collate_check(self.num_classes, targets, self.cfg.data)
+            images, targets = images.to(self.device), targets.to(self.device)
+            with self.autocast():
+                logits = model(images).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
+            total += len(targets)
+        return {"val_loss": loss_sum / max(total, 1), "val_acc": 100 * correct / max(total, 1)}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        writer = _Logger(self.out, cfg.log)
+        while self.epoch < cfg.epochs:
+            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            stopped = (
+                bool(cfg.max_steps and self.global_step >= cfg.max_steps) and self.step_in_epoch < self.steps_per_epoch
+            )
+            row.update(self.validate())
+            if self.ema is not None:
+                row["val_acc_ema"] = self.validate(self.ema.module)["val_acc"]
+            self.history.append(row)
+            writer.write(row)
+            if not stopped:
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.scheduler.step(self.epoch)
+            if row["val_acc"] > self.best_acc:
+                self.best_acc = row["val_acc"]
+                self.save("best.pth")
+            self.save("last.pth")
+            _plot_curves(self.history, self.out / "curves.png")
+            if cfg.progress:
+                print(
+                    f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
+                    f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%"
+                )
+            if stopped or (cfg.max_steps and self.global_step >= cfg.max_steps):
+                break
+        writer.close()
+        final = self.history[-1]["val_acc"] if self.history else float("nan")
+        return {
+            "best_val_acc": self.best_acc,
+            "final_val_acc": final,
+            "checkpoint": str(self.out / "best.pth"),
+            "out": str(self.out),
+        }
+
+
+class _Logger:
+    """metrics.csv always; TensorBoard or wandb on request (optional extras)."""
+
+    def __init__(self, out: Path, kind: str):
+        self.path = out / "metrics.csv"
+        self.kind = kind
+        self.tb = self.wandb = None
+        if kind == "tensorboard":
+            from esh._compat import require
+
+            require("tensorboard", "tensorboard", "--log tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        elif kind == "wandb":
+            from esh._compat import require
+
+            self.wandb = require("wandb", "wandb", "--log wandb")
+            self.wandb.init(project="esh", dir=str(out))
+        elif kind != "csv":
+            raise ValueError(f"--log must be csv, tensorboard or wandb; got {kind!r}")
+
+    def write(self, row: dict) -> None:
+        rows = []
+        if self.path.exists():
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) != row["epoch"]]
+        rows.append(row)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(self.path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing / mixup)")
+    ax2.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
+    ax2.plot(epochs, [r["val_acc"] for r in history], "o-", label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig | None = None, resume: str | None = None, **overrides) -> dict:
+    """Train and return the best and final validation accuracy and the checkpoint path."""
+    if resume is not None:
+        ckpt_path = Path(resume) / "last.pth" if Path(resume).is_dir() else Path(resume)
+        if cfg is None:
+            cfg = TrainConfig.from_dict(load_training_checkpoint(ckpt_path)["config"])
+            cfg.out = str(ckpt_path.parent)
+    cfg = cfg or TrainConfig()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    trainer = Trainer(cfg)
+    if resume is not None:
+        trainer.resume(resume)
+    return trainer.fit()
