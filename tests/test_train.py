@@ -1,0 +1,168 @@
+"""The trainer, its data, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import esh
+from esh.cli import main
+from esh.data.datasets import DIGITS_FILE, build_datasets, stratified_split
+from esh.models._checkpoint import CheckpointError
+from esh.train import TrainConfig, Trainer, train
+from esh.train.checkpoint import atomic_save
+
+
+def test_embedded_digits_split_is_stratified_and_stable():
+    train_set, val_set, names = build_datasets("digits")
+    assert (len(train_set), len(val_set), names) == (4000, 1000, [str(i) for i in range(10)])
+    assert np.bincount(train_set.labels).tolist() == [400] * 10
+    assert np.bincount(val_set.labels).tolist() == [100] * 10
+    again, _, _ = build_datasets("digits")
+    assert np.array_equal(train_set.images, again.images)
+    with np.load(DIGITS_FILE) as f:
+        _, va = stratified_split(f["labels"], 0.2, seed=0)
+    assert va[:5].tolist() == sorted(va.tolist())[:5]  # indices are sorted and fixed by the seed
+
+
+def _small_npz(path, n_per_class=16, classes=4):
+    with np.load(DIGITS_FILE) as f:
+        images, labels = f["images"], f["labels"]
+    keep = np.concatenate([np.flatnonzero(labels == c)[:n_per_class] for c in range(classes)])
+    np.savez_compressed(path, images=images[keep], labels=labels[keep])
+    return path
+
+
+def _cfg(tmp_path, **kw):
+    data = _small_npz(tmp_path / "small.npz")
+    base = dict(data=str(data), batch_size=8, epochs=2, out=str(tmp_path / "run"), progress=False, warmup_epochs=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_few_epochs_lower_the_training_loss(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, epochs=4, lr=3e-3))
+    trainer.fit()
+    losses = [row["train_loss"] for row in trainer.history]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+
+
+def test_outputs_and_the_checkpoint_loads_through_create_model(tmp_path):
+    result = train(_cfg(tmp_path))
+    out = tmp_path / "run"
+    for name in ("best.pth", "last.pth", "metrics.csv", "config.json", "curves.png"):
+        assert (out / name).is_file(), name
+    assert 0 <= result["best_val_acc"] <= 100
+    model = esh.create_model("mambavision_nano", num_classes=4, checkpoint_path=str(out / "best.pth"))
+    state = torch.load(out / "best.pth", weights_only=True)["model"]
+    torch.testing.assert_close(model.state_dict()["head.weight"], state["head.weight"])
+
+
+def _run_cli(args, env_threads="2"):
+    env = {**os.environ, "OMP_NUM_THREADS": env_threads, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "esh", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_point_resumes_to_the_same_weights(tmp_path):
+    data = _small_npz(tmp_path / "small.npz")
+    common = ["--data", str(data), "--batch-size", "8", "--epochs", "3", "--save-every", "1", "--seed", "3"]
+    full = _run_cli([*common, "--out", str(tmp_path / "full")])
+    assert full.wait(timeout=300) == 0, full.stderr.read().decode()[-2000:]
+
+    killed = _run_cli([*common, "--out", str(tmp_path / "killed")])
+    last = tmp_path / "killed" / "last.pth"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 0.4))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert last.exists()
+    step = torch.load(last, weights_only=True)["global_step"]
+
+    resumed = _run_cli(["--resume", str(tmp_path / "killed")])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] > step
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_a_failed_save_keeps_the_last_good_one(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, max_steps=2, epochs=1)
+    train(cfg)
+    last = tmp_path / "run" / "last.pth"
+    good = last.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"x": 1}, last)
+    monkeypatch.undo()
+    assert last.read_bytes() == good and not list(last.parent.glob(".*tmp*"))
+
+    last.write_bytes(good[: len(good) // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train(resume=str(tmp_path / "run"))
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not 'digits'"):
+        train(TrainConfig(data=str(tmp_path / "missing"), progress=False))
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="train/ and val/"):
+        train(TrainConfig(data=str(tmp_path / "d"), progress=False))
+    with pytest.raises(ValueError, match="4 classes but num_classes=2"):
+        train(_cfg(tmp_path, num_classes=2))
+
+
+def test_auxiliary_losses_hook_is_added_and_logged(tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path))
+    calls = []
+
+    def aux():
+        calls.append(1)
+        return {"loss_extra": torch.tensor(0.5), "alpha_mean": torch.tensor(0.25)}
+
+    trainer.model.auxiliary_losses = aux
+    logits = torch.randn(2, 4)
+    targets = torch.tensor([0, 1])
+    loss, logged = trainer._loss(logits, targets)
+    plain = trainer.criterion(logits, targets)
+    assert float(loss) == pytest.approx(float(plain) + 0.5)
+    assert logged == {"loss_extra": 0.5, "alpha_mean": 0.25} and calls
+
+
+def test_cli_trains_on_an_image_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        code = main(
+            ["train", "--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--out", str(out)]
+        )
+    assert code == 0
+    assert "best validation accuracy" in capsys.readouterr().out
+    assert (out / "best.pth").is_file() and (out / "curves.png").is_file()
