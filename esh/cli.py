@@ -4,6 +4,7 @@ user can call the same way."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -119,13 +120,18 @@ _TRAIN_SWITCHES = {
 def _cmd_train(args: argparse.Namespace) -> int:
     from esh.train import TrainConfig, train
 
-    overrides = {
-        k: getattr(args, k) for k in (*_TRAIN_FLAGS, *_TRAIN_SWITCHES) if getattr(args, k) not in (None, False)
-    }
+    # only what was given on the command line: the rest keeps TrainConfig's (or, with
+    # --resume, the saved run's) values; `0` is a value (e.g. --clip-grad 0), not "unset"
+    overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    overrides.update({k: True for k in _TRAIN_SWITCHES if getattr(args, k)})
+    if args.augment is False:
+        overrides["augment"] = False
     if args.smoke_test:
         overrides.setdefault("epochs", 1)
         overrides.setdefault("max_steps", 20)
     result = train(resume=args.resume, **overrides) if args.resume else train(TrainConfig(**overrides))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+        return 0
     print(
         f"best validation accuracy {result['best_val_acc']:.2f}%, final {result['final_val_acc']:.2f}%; "
         f"checkpoint {result['checkpoint']} (outputs in {result['out']})"
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     for name, text in _TRAIN_SWITCHES.items():
         train.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    train.add_argument(
+        "--no-aug", dest="augment", action="store_false", default=None, help="train on the evaluation transform"
+    )
     train.add_argument("--resume", help="an output directory (or its last.pth) to continue exactly")
     train.add_argument("--smoke-test", action="store_true", help="one epoch of at most 20 steps")
     train.set_defaults(func=_cmd_train)

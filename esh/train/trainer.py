@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -60,6 +61,7 @@ class TrainConfig:
     hflip: float = 0.0
     color_jitter: float = 0.0
     re_prob: float = 0.0
+    augment: bool = True  # False: train on the evaluation transform (deterministic inputs)
     seed: int = 0
     workers: int = 0
     device: str = "cpu"
@@ -77,18 +79,57 @@ class TrainConfig:
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone, so a resumed run sees the same order;
-    ``skip`` drops the batches already done in the epoch."""
+    """A permutation drawn from (seed, epoch) alone, so a resumed run sees the same order.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    The permutation is cut into global batches of ``global_batch`` samples (the last partial
+    one dropped); with ``world`` processes, rank r takes the r-th contiguous share of every
+    global batch, so N processes see exactly the batches one process would. ``skip`` drops
+    the global batches already done in the epoch.
+    """
+
+    def __init__(self, n: int, seed: int, global_batch: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.global_batch, self.rank, self.world = n, seed, global_batch, rank, world
+        self.epoch = self.skip = 0
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.skip :].tolist())
+        perm = torch.randperm(self.n, generator=g)
+        batches = perm[: self.n // self.global_batch * self.global_batch].view(-1, self.global_batch)
+        share = self.global_batch // self.world
+        return iter(batches[self.skip :, self.rank * share : (self.rank + 1) * share].reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return (self.n // self.global_batch - self.skip) * (self.global_batch // self.world)
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """An esh model by name, or any timm model."""
+    from esh.models import is_model
+
+    if is_model(cfg.model):
+        return create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes)
+    timm = import_timm()
+    if not timm.is_model(cfg.model):
+        raise ValueError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
+    kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "")
+    if cfg.img_size:
+        try:  # models with position embeddings are built for the size; the others take no img_size
+            return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(cfg.model, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,7 +155,7 @@ def _transforms(model: nn.Module, cfg: TrainConfig):
         re_prob=cfg.re_prob,
     )
     val = timm.data.create_transform(**common, is_training=False, crop_pct=1.0)
-    return train, val
+    return (train if cfg.augment else val), val
 
 
 class Trainer:
@@ -127,19 +168,24 @@ class Trainer:
         self.num_classes = cfg.num_classes or len(self.classes)
         if self.num_classes < len(self.classes):
             raise ValueError(f"the data has {len(self.classes)} classes but num_classes={self.num_classes}")
-        self.model = create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=self.num_classes)
+        self.model = _build_model(cfg, self.num_classes)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
-        self.sampler = EpochSampler(len(self.train_set), cfg.seed)
+        self.rank, self.world = _init_distributed(self.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} (the global batch) must divide by the {self.world} processes"
+            )
+        self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
         # the loader draws worker seeds from its own generator, not the global RNG that the
         # augmentations use, so that a resumed run replays the same random numbers
         self.loader = DataLoader(
             self.train_set,
-            cfg.batch_size,
+            cfg.batch_size // self.world,
             sampler=self.sampler,
             num_workers=cfg.workers,
             drop_last=True,
@@ -183,7 +229,13 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and amp_dtype == torch.float16)
         self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.history = -1.0, []
 
@@ -251,7 +303,7 @@ class Trainer:
 
         cfg = self.cfg
         self.model.train()
-        self.sampler.epoch, self.sampler.skip = self.epoch, self.step_in_epoch * cfg.batch_size * cfg.grad_accum
+        self.sampler.epoch, self.sampler.skip = self.epoch, self.step_in_epoch * cfg.grad_accum
         total = correct = 0
         loss_sum = 0.0
         start = time.perf_counter()
@@ -259,7 +311,7 @@ class Trainer:
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not cfg.progress or self.rank != 0,
             dynamic_ncols=True,
         )
         micro = 0
@@ -304,7 +356,7 @@ class Trainer:
                 **{k: f"{v:.3g}" for k, v in logged.items()},
             )
             bar.update(1)
-            if cfg.save_every and self.global_step % cfg.save_every == 0:
+            if cfg.save_every and self.global_step % cfg.save_every == 0 and self.rank == 0:
                 self.save()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 break
@@ -334,36 +386,24 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        writer = _Logger(self.out, cfg.log)
+        lead = self.rank == 0  # the first process validates, logs and checkpoints
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        writer = _Logger(self.out, cfg.log) if lead else None
         while self.epoch < cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
-            stopped = (
-                bool(cfg.max_steps and self.global_step >= cfg.max_steps) and self.step_in_epoch < self.steps_per_epoch
-            )
-            row.update(self.validate())
-            if self.ema is not None:
-                row["val_acc_ema"] = self.validate(self.ema.module)["val_acc"]
-            self.history.append(row)
-            writer.write(row)
-            if not stopped:
+            hit_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
+            if not (hit_max and self.step_in_epoch < self.steps_per_epoch):  # the epoch is complete
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.scheduler.step(self.epoch)
-            if row["val_acc"] > self.best_acc:
-                self.best_acc = row["val_acc"]
-                self.save("best.pth")
-            self.save("last.pth")
-            _plot_curves(self.history, self.out / "curves.png")
-            if cfg.progress:
-                print(
-                    f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
-                    f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%"
-                )
-            if stopped or (cfg.max_steps and self.global_step >= cfg.max_steps):
+            if lead:
+                self._end_of_epoch(row, writer)
+            if hit_max:
                 break
-        writer.close()
+        if writer is not None:
+            writer.close()
         final = self.history[-1]["val_acc"] if self.history else float("nan")
         return {
             "best_val_acc": self.best_acc,
@@ -371,6 +411,23 @@ class Trainer:
             "checkpoint": str(self.out / "best.pth"),
             "out": str(self.out),
         }
+
+    def _end_of_epoch(self, row: dict, writer: _Logger) -> None:
+        row.update(self.validate())
+        if self.ema is not None:
+            row["val_acc_ema"] = self.validate(self.ema.module)["val_acc"]
+        self.history.append(row)
+        writer.write(row)
+        if row["val_acc"] > self.best_acc:
+            self.best_acc = row["val_acc"]
+            self.save("best.pth")
+        self.save("last.pth")
+        _plot_curves(self.history, self.out / "curves.png")
+        if self.cfg.progress:
+            print(
+                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%"
+            )
 
 
 class _Logger:
@@ -457,4 +514,10 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, **overrides
     trainer = Trainer(cfg)
     if resume is not None:
         trainer.resume(resume)
-    return trainer.fit()
+    result = trainer.fit()
+    if trainer.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
