@@ -84,6 +84,21 @@ def predict(
     ]
 
 
+def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size) -> dict[str, float]:
+    """The validation split of a training data spec (``digits``, ``.npz``, ``hf:NAME``), with
+    the same loaders as ``esh train`` and the model's evaluation transform."""
+    from esh.data.datasets import build_datasets
+
+    _, val, classes = build_datasets(spec)
+    num_classes = getattr(model, "num_classes", None) or len(classes)
+    if num_classes < len(classes):
+        raise ValueError(f"{spec} has {len(classes)} classes but the model predicts {num_classes}")
+    val.transform = eval_transform(model, img_size)
+    return _run_eval(
+        model.eval().to(device), val, torch.arange(num_classes), spec, batch_size, device, amp, workers, progress
+    )
+
+
 def _label_map(classes: list[str], num_classes: int) -> list[int]:
     """Model output index for each folder: ImageNet synsets by name, otherwise in order."""
     info = import_timm().data.ImageNetInfo()
@@ -110,10 +125,12 @@ def evaluate(
     progress: bool = True,
     img_size: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``)."""
+    """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``), or on the
+    validation split of a training data spec (``digits``, ``FILE.npz``, ``hf:NAME``)."""
     tv = import_torchvision()
-    from tqdm.auto import tqdm
-
+    spec = str(data_dir)
+    if spec == "digits" or spec.startswith("hf:") or spec.endswith(".npz"):
+        return _evaluate_dataset(model, spec, batch_size, torch.device(device), amp, workers, progress, img_size)
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data directory {root} does not exist")
@@ -131,9 +148,15 @@ def evaluate(
         raise ValueError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
     num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
     target_map = torch.tensor(_label_map(dataset.classes, num_classes))
+    return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress)
+
+
+def _run_eval(model, dataset, target_map, name, batch_size, device, amp, workers, progress) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
     data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     correct1 = correct5 = seen = 0
-    bar = tqdm(data, desc=f"eval {root.name}", unit="batch", disable=not progress)
+    bar = tqdm(data, desc=f"eval {name}", unit="batch", disable=not progress)
     for images, targets in bar:
         targets = target_map[targets].to(device)
         with _autocast(device, amp):
@@ -144,5 +167,5 @@ def evaluate(
         seen += len(targets)
         bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}", top5=f"{100 * correct5 / seen:.2f}")
     if seen == 0:
-        raise ValueError(f"no images found under {root}")
+        raise ValueError(f"no images found in {name}")
     return {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "images": seen}

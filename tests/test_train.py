@@ -230,3 +230,38 @@ def test_torchrun_with_two_processes_matches_one_process(tmp_path):
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    with np.load(DIGITS_FILE) as f:
+        keep = np.concatenate([np.flatnonzero(f["labels"] == c)[:10] for c in range(3)])
+        images, labels = f["images"][keep], f["labels"][keep]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["zero", "one", "two"])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(i) for i in images], "label": labels.tolist()}, features=features
+    )
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    train_set, val_set, names = build_datasets(f"hf:{tmp_path / 'hfds'}")
+    assert names == ["zero", "one", "two"] and len(train_set) + len(val_set) == 30
+    result = train(
+        TrainConfig(data=f"hf:{tmp_path / 'hfds'}", epochs=1, batch_size=4, out=str(tmp_path / "run"), progress=False)
+    )
+    assert 0 <= result["final_val_acc"] <= 100
+
+
+def test_adamw8bit_without_bitsandbytes_says_how_to_install(tmp_path):
+    if esh._compat.has_module("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ImportError, match=r"esh\[bnb\]"):
+        Trainer(_cfg(tmp_path, optimizer="adamw8bit"))
+
+
+def test_eval_uses_the_training_data_pipeline(tmp_path, capsys):
+    train(_cfg(tmp_path, epochs=1, max_steps=3))
+    ckpt = tmp_path / "run" / "best.pth"
+    args = ["eval", "--model", "mambavision_nano", "--checkpoint", str(ckpt), "--num-classes", "4"]
+    assert main([*args, "--data", str(tmp_path / "small.npz"), "--batch-size", "16"]) == 0
+    assert "top-1" in capsys.readouterr().out

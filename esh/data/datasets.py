@@ -120,7 +120,11 @@ def _hf(name: str, seed: int):
         import datasets
     except ImportError as e:
         raise ImportError("--data hf:NAME needs the 'datasets' package: pip install datasets") from e
-    ds = datasets.load_dataset(name)
+    if Path(name).is_dir():  # a dataset saved with save_to_disk
+        ds = datasets.load_from_disk(name)
+        ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
+    else:  # a hub name: the local cache, or a download
+        ds = datasets.load_dataset(name)
     split_names = list(ds.keys())
     train = ds["train"] if "train" in ds else ds[split_names[0]]
     val_name = next((s for s in ("validation", "val", "test") if s in ds), None)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from esh._compat import import_timm
+from esh._compat import import_timm, require
 from esh.data.datasets import build_datasets, collate_check
 from esh.models import create_model
 from esh.models._checkpoint import CheckpointError
@@ -199,9 +199,11 @@ class Trainer:
         import timm.scheduler
         import timm.utils
 
-        self.optimizer = timm.optim.create_optimizer_v2(
-            self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        opt_name = cfg.optimizer
+        if opt_name in ("adamw8bit", "adam8bit"):  # bitsandbytes, an optional extra
+            require("bitsandbytes", "bnb", f"--optimizer {opt_name}")
+            opt_name = "bnb" + opt_name
+        self.optimizer = timm.optim.create_optimizer_v2(self.model, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
             self.optimizer,
             sched="cosine",
