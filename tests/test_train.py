@@ -265,3 +265,24 @@ def test_eval_uses_the_training_data_pipeline(tmp_path, capsys):
     args = ["eval", "--model", "mambavision_nano", "--checkpoint", str(ckpt), "--num-classes", "4"]
     assert main([*args, "--data", str(tmp_path / "small.npz"), "--batch-size", "16"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_the_training_options_run_together(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        epochs=1,
+        max_steps=2,
+        mixup=0.8,
+        cutmix=1.0,
+        ema=True,
+        grad_accum=2,
+        amp=True,
+        channels_last=True,
+        grad_checkpointing=True,
+        randaug="rand-m9-mstd0.5",
+        re_prob=0.25,
+        optimizer="lamb",
+    )
+    result = train(cfg)
+    history = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["history"]
+    assert "val_acc_ema" in history[-1] and result["final_val_acc"] >= 0
