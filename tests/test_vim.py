@@ -1,0 +1,152 @@
+"""Vision Mamba: configurations, the bidirectional mixer, class token, checkpoints, resizing."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import esh
+from esh.layers import BiMambaMixer
+from esh.models import vim
+from esh.models._checkpoint import CheckpointError
+from esh.ops import selective_scan_reference
+
+OFFICIAL = {  # parameters, state-dict tensors (facts/vim.md)
+    "vim_tiny": (7_148_008, 415),
+    "vim_tiny_s8": (7_250_344, 415),
+    "vim_small": (25_796_584, 415),
+    "vim_small_s8": (26_001_256, 415),
+    "vim_base": (97_598_440, 415),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_every_variant_has_the_official_parameter_count(name):
+    with torch.device("meta"):
+        model = esh.create_model(name)
+    assert (sum(p.numel() for p in model.parameters()), len(model.state_dict())) == OFFICIAL[name]
+
+
+def test_stride_8_models_have_730_tokens_and_the_class_token_in_the_middle():
+    with torch.device("meta"):
+        plus, plain = esh.create_model("vim_tiny_s8"), esh.create_model("vim_tiny")
+    assert plus.pos_embed.shape[1] == 730 and plus.token_position == 364
+    assert plain.pos_embed.shape[1] == 197 and plain.token_position == 98
+
+
+def _direction(mixer, x, z, conv, x_proj, dt_proj, A_log, D):
+    L = x.shape[-1]
+    u = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=x.shape[1])[..., :L])
+    dt, B, C = torch.split(x_proj(u.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+    return selective_scan_reference(
+        u,
+        delta,
+        -torch.exp(A_log),
+        B.transpose(1, 2),
+        C.transpose(1, 2),
+        D,
+        z=z,
+        delta_bias=dt_proj.bias,
+        delta_softplus=True,
+    )
+
+
+def test_bimamba_v2_runs_both_directions_with_their_own_parameters():
+    torch.manual_seed(0)
+    m = BiMambaMixer(16, d_state=4).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(2, 9, 16, dtype=torch.float64)
+    x, z = m.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+    fwd = _direction(m, x, z, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D)
+    bwd = _direction(m, x.flip(-1), z.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b).flip(-1)
+    expected = m.out_proj(((fwd + bwd) / 2).transpose(1, 2))
+    torch.testing.assert_close(m(h), expected)
+
+
+def _tiny_vim(**kw):
+    torch.manual_seed(0)
+    return vim.VisionMamba(img_size=32, patch_size=8, stride=8, depth=2, embed_dim=16, num_classes=5, **kw).eval()
+
+
+def test_class_token_readout_and_timm_surface():
+    model = _tiny_vim()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 17, 16) and model.token_position == 8
+    torch.testing.assert_close(model(x), model.head(tokens[:, 8]))
+    assert model.forward_head(tokens, pre_logits=True).shape == (2, 16)
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    assert len(maps) == 2 and maps[0].shape == (2, 16, 4, 4)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 16)
+
+
+def test_wrong_input_size_says_how_to_build_for_it():
+    with pytest.raises(ValueError, match=r"built for inputs \(batch, 3, 32, 32\).*img_size"):
+        _tiny_vim()(torch.randn(1, 3, 40, 40))
+
+
+def _official_file(path, model, ema_scale=None):
+    state = model.state_dict()
+    ema = {k: v * ema_scale for k, v in state.items()} if ema_scale else state
+    torch.save(
+        {
+            "model": state,
+            "model_ema": ema,
+            "optimizer": {},
+            "epoch": 299,
+            "scaler": "none",
+            "args": argparse.Namespace(model="vim_tiny_patch16_224_bimambav2", lr=5e-4),
+        },
+        path,
+    )
+
+
+def test_official_pth_loads_and_the_stride_is_read_from_pos_embed(tmp_path):
+    src = esh.create_model("vim_tiny_s8").eval()
+    _official_file(tmp_path / "vim_t_midclstok_ft_78p3acc.pth", src, ema_scale=0.5)
+    model = esh.create_model("vim_tiny", checkpoint_path=str(tmp_path / "vim_t_midclstok_ft_78p3acc.pth"))
+    assert model.stride == 8 and model.pos_embed.shape[1] == 730
+    torch.testing.assert_close(model.head.weight, src.head.weight)
+    ema = esh.create_model("vim_tiny", checkpoint_path=str(tmp_path / "vim_t_midclstok_ft_78p3acc.pth"), ema=True)
+    torch.testing.assert_close(ema.head.weight, src.head.weight * 0.5)
+
+
+def test_a_224_checkpoint_into_another_resolution_resizes_pos_embed(tmp_path):
+    src = esh.create_model("vim_tiny")
+    _official_file(tmp_path / "t.pth", src)
+    model = esh.create_model("vim_tiny", img_size=256, checkpoint_path=str(tmp_path / "t.pth"))
+    assert model.pos_embed.shape[1] == 257 and model.token_position == 128
+    torch.testing.assert_close(model.pos_embed[0, 128], src.pos_embed[0, 98])  # the class entry moves, unchanged
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+
+
+def test_resize_is_identity_on_the_same_grid_and_keeps_a_constant_grid():
+    pe = torch.randn(1, 17, 4)
+    assert vim.resize_pos_embed(pe, (4, 4), (4, 4)) is pe
+    const = torch.ones(1, 17, 4)
+    out = vim.resize_pos_embed(const, (4, 4), (6, 6))
+    assert out.shape == (1, 37, 4) and torch.allclose(out, torch.ones_like(out), atol=1e-5)
+
+
+def test_mismatched_and_ema_less_files_are_clear_errors(tmp_path):
+    torch.save({"model": esh.create_model("vim_small").state_dict()}, tmp_path / "s.pth")
+    with pytest.raises(CheckpointError, match="does not fit vim_tiny.*shape mismatches"):
+        esh.create_model("vim_tiny", checkpoint_path=str(tmp_path / "s.pth"))
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        esh.create_model("vim_small", checkpoint_path=str(tmp_path / "s.pth"), ema=True)
+
+
+def test_pretrained_offline_says_how_to_pass_a_checkpoint(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="hustvl/Vim-tiny-midclstok.*checkpoint_path"):
+        esh.create_model("vim_tiny", pretrained=True, cache_dir=str(tmp_path))
