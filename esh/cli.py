@@ -139,6 +139,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    from esh.align import cka, mknn
+    from esh.align.io import load_embeddings
+
+    A, B = load_embeddings(args.a, args.column), load_embeddings(args.b, args.column)
+    for metric in args.metric:
+        value = mknn(A, B, k=args.k) if metric == "mknn" else cka(A, B, unbiased=metric == "cka-unbiased")
+        print(f"{metric}: {value:.6f}")
+    return 0
+
+
 def _cmd_bench_vision(args: argparse.Namespace) -> int:
     from esh.bench.vision_throughput import main_from_args
 
@@ -217,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--img-size", type=int, help="default: the model's native resolution")
     export.add_argument("--batch-size", type=int, default=1)
     export.set_defaults(func=_cmd_export)
+
+    align = sub.add_parser("align", help="alignment of two embeddings of the same items (MKNN, CKA)")
+    align.add_argument("a", help="embeddings A: .npy, .npz or .parquet")
+    align.add_argument("b", help="embeddings B, same items in the same order")
+    align.add_argument("--metric", nargs="+", choices=("mknn", "cka", "cka-unbiased"), default=["mknn", "cka"])
+    align.add_argument("--k", type=int, default=10, help="neighbours for mknn (default 10)")
+    align.add_argument("--column", help="parquet column or npz array holding the embeddings")
+    align.set_defaults(func=_cmd_align)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)

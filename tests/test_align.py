@@ -86,3 +86,21 @@ def test_bad_input_is_a_clear_error(pair):
         mknn(A, B, k=300)
     with pytest.raises(AlignmentInputError, match="2-D"):
         cka(A[0], B[0])
+
+
+def test_cli_align_reads_npy_and_parquet(pair, tmp_path, capsys):
+    from esh.cli import main
+
+    A, B = pair
+    np.save(tmp_path / "a.npy", A.numpy())
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"embedding": list(B.numpy())}), tmp_path / "b.parquet")
+    assert (
+        main(["align", str(tmp_path / "a.npy"), str(tmp_path / "b.parquet"), "--metric", "mknn", "cka", "--k", "5"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"mknn: {mknn(A, B, k=5):.6f}" in out and f"cka: {cka(A, B):.6f}" in out
+    assert main(["align", str(tmp_path / "a.npy"), str(tmp_path / "missing.npy")]) == 2
