@@ -139,6 +139,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from esh.embed import get_adapter
+    from esh.embed.dataset import embed_dataset
+
+    adapter = get_adapter(args.model, args.checkpoint, device=args.device, amp=args.amp)
+    path = embed_dataset(adapter, args.data, args.out, batch_size=args.batch_size, layers=args.layers)
+    print(f"wrote {path} ({args.model}, pooling: {adapter.pooling})")
+    return 0
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from esh.align import cka, mknn
     from esh.align.io import load_embeddings
@@ -228,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--img-size", type=int, help="default: the model's native resolution")
     export.add_argument("--batch-size", type=int, default=1)
     export.set_defaults(func=_cmd_export)
+
+    embed = sub.add_parser("embed", help="embed every image of a data set to a file")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--checkpoint")
+    embed.add_argument("--data", required=True, help="DIR of class folders, FILE.npz, hf:NAME or digits")
+    embed.add_argument("--out", required=True, help=".npy, .npz or .parquet")
+    embed.add_argument("--layers", action="store_true", help="also one embedding per block (.npz/.parquet)")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--device", default="cpu")
+    embed.add_argument("--amp", action="store_true")
+    embed.set_defaults(func=_cmd_embed)
 
     align = sub.add_parser("align", help="alignment of two embeddings of the same items (MKNN, CKA)")
     align.add_argument("a", help="embeddings A: .npy, .npz or .parquet")

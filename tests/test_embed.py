@@ -37,3 +37,53 @@ def test_preprocessor_is_the_models_evaluation_transform():
     a = get_adapter("vim_tiny")
     img = Image.new("RGB", (300, 260), (120, 30, 200))
     assert a.preprocessor()(img).shape == (3, 224, 224)
+
+
+def test_embed_cli_writes_files_atomically_and_resumes_from_shards(tmp_path, capsys):
+    import numpy as np
+
+    from esh.align.io import load_embeddings
+    from esh.cli import main
+    from esh.data.datasets import DIGITS_FILE
+    from esh.embed.dataset import embed_dataset
+
+    with np.load(DIGITS_FILE) as f:
+        np.savez(tmp_path / "d.npz", images=f["images"][:40], labels=f["labels"][:40])
+    out = tmp_path / "e.npy"
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                "mambavision_nano",
+                "--data",
+                str(tmp_path / "d.npz"),
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    full = np.load(out)
+    assert full.shape == (40, 256) and "pooling" in capsys.readouterr().out
+    # an interrupted run left shard 0 behind: the rerun keeps it and computes the rest
+    adapter = get_adapter("mambavision_nano")
+    full = np.load(embed_dataset(adapter, str(tmp_path / "d.npz"), tmp_path / "f.npy", progress=False))
+    shards = tmp_path / "p.npz.shards"
+    shards.mkdir()
+    sentinel = {"embedding": np.full((16, 256), 7.0, np.float32), "label": np.zeros(16, np.int64)}
+    np.savez(shards / "000000.npz", **sentinel)
+    path = embed_dataset(
+        adapter, str(tmp_path / "d.npz"), tmp_path / "p.npz", batch_size=8, shard_size=16, progress=False
+    )
+    merged = np.load(path)
+    assert (merged["embedding"][:16] == 7.0).all()
+    np.testing.assert_allclose(merged["embedding"][16:], full[16:], rtol=1e-5, atol=1e-5)
+    assert not shards.exists()
+    # layer-wise parquet that esh align can read
+    pq_out = tmp_path / "l.parquet"
+    embed_dataset(adapter, str(tmp_path / "d.npz"), pq_out, layers=True, progress=False)
+    assert load_embeddings(pq_out).shape == (40, 256)
+    assert load_embeddings(pq_out, column="layer_0").shape == (40, 32)
