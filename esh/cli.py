@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from esh._version import __version__
 
@@ -153,6 +154,21 @@ def _cmd_align(args: argparse.Namespace) -> int:
     from esh.align import cka, mknn
     from esh.align.io import load_embeddings
 
+    if args.layerwise:
+        from esh.align.io import load_layers
+        from esh.align.layerwise import best_pair, layerwise, save_heatmap
+
+        la, lb = load_layers(args.a), load_layers(args.b)
+        for metric in args.metric:
+            scores = layerwise(la, lb, metric, k=args.k)
+            i, j, v = best_pair(scores)
+            print(f"{metric}: {len(la)} x {len(lb)} layers, best A layer {i} / B layer {j} = {v:.6f}")
+            if args.heatmap:
+                out = Path(args.heatmap)
+                out = out if len(args.metric) == 1 else out.with_name(f"{out.stem}_{metric}{out.suffix}")
+                save_heatmap(scores, out, title=f"{metric}: {Path(args.a).stem} vs {Path(args.b).stem}")
+                print(f"heatmap: {out}")
+        return 0
     A, B = load_embeddings(args.a, args.column), load_embeddings(args.b, args.column)
     for metric in args.metric:
         value = mknn(A, B, k=args.k) if metric == "mknn" else cka(A, B, unbiased=metric == "cka-unbiased")
@@ -256,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--metric", nargs="+", choices=("mknn", "cka", "cka-unbiased"), default=["mknn", "cka"])
     align.add_argument("--k", type=int, default=10, help="neighbours for mknn (default 10)")
     align.add_argument("--column", help="parquet column or npz array holding the embeddings")
+    align.add_argument("--layerwise", action="store_true", help="every layer_i of A against every layer_i of B")
+    align.add_argument("--heatmap", help="with --layerwise: write the score matrix as a PNG")
     align.set_defaults(func=_cmd_align)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -104,3 +104,21 @@ def test_cli_align_reads_npy_and_parquet(pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"mknn: {mknn(A, B, k=5):.6f}" in out and f"cka: {cka(A, B):.6f}" in out
     assert main(["align", str(tmp_path / "a.npy"), str(tmp_path / "missing.npy")]) == 2
+
+
+def test_layerwise_scores_best_pair_and_heatmap(tmp_path, capsys):
+    from esh.align.layerwise import best_pair, layerwise
+    from esh.cli import main
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(120, 8, generator=g)
+    la = [torch.randn(120, 8, generator=g), base, torch.randn(120, 8, generator=g)]
+    lb = [torch.randn(120, 6, generator=g), base @ torch.randn(8, 8, generator=g)]
+    scores = layerwise(la, lb, "cka")
+    assert scores.shape == (3, 2) and best_pair(scores)[:2] == (1, 1)
+    np.savez(tmp_path / "a.npz", embedding=la[-1].numpy(), **{f"layer_{i}": t.numpy() for i, t in enumerate(la)})
+    np.savez(tmp_path / "b.npz", embedding=lb[-1].numpy(), **{f"layer_{i}": t.numpy() for i, t in enumerate(lb)})
+    png = tmp_path / "heat.png"
+    args = ["align", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--layerwise", "--metric", "cka"]
+    assert main([*args, "--heatmap", str(png)]) == 0
+    assert "best A layer 1 / B layer 1" in capsys.readouterr().out and png.stat().st_size > 1000

@@ -31,3 +31,21 @@ def load_embeddings(path: str | os.PathLike, column: str | None = None) -> np.nd
             return np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
         return np.column_stack([table.column(c).to_numpy() for c in table.column_names]).astype(np.float32)
     raise AlignmentInputError(f"{p}: expected a .npy, .npz or .parquet file of embeddings")
+
+
+def load_layers(path: str | os.PathLike) -> list[np.ndarray]:
+    """The ``layer_i`` arrays of an ``esh embed --layers`` file (.npz or .parquet), in order."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        with np.load(p) as f:
+            names = [n for n in f.files if n.startswith("layer_")]
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = [n for n in pq.read_schema(p).names if n.startswith("layer_")]
+    else:
+        raise AlignmentInputError(f"{p}: layer-wise alignment needs a .npz or .parquet file from esh embed --layers")
+    if not names:
+        raise AlignmentInputError(f"{p} has no layer_i columns: write it with esh embed --layers")
+    names.sort(key=lambda n: int(n.split("_")[1]))
+    return [load_embeddings(p, column=n) for n in names]
