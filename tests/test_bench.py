@@ -36,3 +36,12 @@ def test_floor_is_positive_and_rows_carry_ratios():
     rows = bench.bench_shape("t", (1, 8, 16, 4), ["reference", "esh"], floor, repeats=1)
     esh_row = rows[-1]
     assert esh_row.method == "esh" and esh_row.speedup_fwd > 0 and esh_row.max_rel_err < 1e-5
+
+
+def test_long_sequence_table_rebuilds_models_for_the_size():
+    from esh.bench.vision_throughput import long_sequence
+
+    lines = []
+    rows = long_sequence(sizes=(64,), repeats=1, print_fn=lines.append)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("vim_tiny", 64, 17), ("deit_tiny_patch16_224", 64, 17)]
+    assert all(r[3] > 0 for r in rows) and "peak MiB" in lines[0]

@@ -17,17 +17,58 @@ from esh._compat import import_timm
 from esh.bench.measure import time_call
 from esh.info import count_model
 
-ESH_MODELS = ("mambavision_t", "mambavision_s")
-TIMM_MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224")
+ESH_MODELS = ("mambavision_t", "mambavision_s", "vim_tiny")
+TIMM_MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "deit_small_patch16_224")
+LONG_MODELS = ("vim_tiny", "deit_tiny_patch16_224")
 MODES = ("fp32", "channels_last", "bf16")
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, img_size: int | None = None) -> torch.nn.Module:
+    """An esh or timm model; ``img_size`` rebuilds position-embedded models for that size."""
     from esh.models import create_model, is_model
 
+    kwargs = {} if img_size is None else {"img_size": img_size}
     if is_model(name):
-        return create_model(name).eval()
-    return import_timm().create_model(name, pretrained=False).eval()
+        return create_model(name, **kwargs).eval()
+    return import_timm().create_model(name, pretrained=False, **kwargs).eval()
+
+
+def long_sequence(
+    models: Sequence[str] = LONG_MODELS,
+    sizes: Sequence[int] = (512, 1024),
+    repeats: int = 2,
+    print_fn: Callable[[str], None] = print,
+) -> list[tuple]:
+    """Batch-1 images/s and peak memory at large inputs (Vim's long-sequence case): the
+    models are rebuilt for each size (position embeddings sized for it). Peak memory is
+    measured after all timings (see esh.bench.measure.peak_memory)."""
+    from esh.bench.measure import peak_memory
+
+    rows, runs = [], []
+    for size in sizes:
+        for name in models:
+            model = build(name, size)
+            x = torch.randn(1, 3, size, size)
+
+            def step(model=model, x=x):
+                with torch.inference_mode():
+                    model(x)
+
+            tokens = (size // 16) ** 2 + 1
+            rows.append([name, size, tokens, 1 / time_call(step, repeats=repeats, warmup=1), None])
+            runs.append(step)
+    for row, step in zip(rows, runs):
+        peak = peak_memory(step)
+        row[4] = None if peak is None else peak / 2**20
+    lines = [
+        "long sequences, batch 1, float32, inference",
+        "| model | input | tokens | img/s | peak MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, size, tokens, ips, mib in rows:
+        lines.append(f"| {name} | {size}² | {tokens} | {ips:.2f} | {'n/a' if mib is None else f'{mib:.0f}'} |")
+    print_fn("\n".join(lines))
+    return rows
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 20) -> float:
@@ -91,9 +132,8 @@ def run(
         f"float32 matmul peak {peak:.0f} GFLOP/s",
         "| model | batch | GFLOPs/img | img/s fp32 | vs "
         + baseline
-        + " | GFLOP/s (% of peak) | "
-        + " | ".join(f"img/s {m}" for m in modes if m != "fp32")
-        + " |",
+        + " | GFLOP/s (% of peak) |"
+        + "".join(f" img/s {m} |" for m in modes if m != "fp32"),
         "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(modes) - 1),
     ]
     for r in rows:
@@ -116,9 +156,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--long",
+        nargs="+",
+        type=int,
+        metavar="SIZE",
+        help="instead: Vim-tiny vs DeiT-tiny at these sizes (batch 1, memory)",
+    )
 
 
 def main_from_args(args: argparse.Namespace) -> list[Row]:
+    if args.long:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return long_sequence(sizes=args.long)
     return run(args.models, args.batches, args.img_size, args.modes, args.threads or None, args.repeats)
 
 
