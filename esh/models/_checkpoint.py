@@ -106,3 +106,22 @@ def load_into(model: torch.nn.Module, state: Mapping[str, Tensor], what: str) ->
             parts.append(f"{len(shapes)} shape mismatches ({listing})")
         raise CheckpointError(f"checkpoint does not fit {what}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def download_weights(cfg: dict, variant: str, cache_dir: str | None = None) -> str:
+    """The released weights of ``variant`` from the Hugging Face hub (cached), or a
+    WeightsUnavailableError that says how to pass a local file instead."""
+    if cfg.get("hf_hub_id") is None:
+        raise WeightsUnavailableError(f"{variant} has no released weights; train it with `esh train --model {variant}`")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
+    except Exception as e:  # offline, no such repo, HTTP errors: all end the same way
+        extra = f" (or the training file {cfg['official_filename']})" if cfg.get("official_filename") else ""
+        raise WeightsUnavailableError(
+            f"could not download the {variant} weights from the Hugging Face hub ({cfg['hf_hub_id']}: "
+            f"{type(e).__name__}: {e}). Without network access, download {cfg['hf_hub_filename']} from "
+            f"https://huggingface.co/{cfg['hf_hub_id']}{extra} elsewhere and pass it: "
+            f"create_model({variant!r}, checkpoint_path='...')"
+        ) from e

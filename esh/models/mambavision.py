@@ -22,13 +22,13 @@ from esh._compat import import_timm
 from esh.layers import Attention, MambaVisionMixer
 from esh.models._checkpoint import (
     CheckpointError,
-    WeightsUnavailableError,
+    download_weights,
     extract_state_dict,
     load_into,
     read_checkpoint,
     strip_prefix,
 )
-from esh.models.registry import register_model
+from esh.models.registry import register_variants
 
 _timm = import_timm()
 DropPath = _timm.layers.DropPath
@@ -501,22 +501,6 @@ _VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def _download(cfg: dict, variant: str, cache_dir: str | None) -> str:
-    from huggingface_hub import hf_hub_download
-
-    if cfg["hf_hub_id"] is None:
-        raise WeightsUnavailableError(f"{variant} has no released weights; train it with `esh train --model {variant}`")
-    try:
-        return hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
-    except Exception as e:  # offline, no such repo, HTTP errors: all end the same way
-        raise WeightsUnavailableError(
-            f"could not download the {variant} weights from the Hugging Face hub ({cfg['hf_hub_id']}: "
-            f"{type(e).__name__}: {e}). Without network access, download {cfg['hf_hub_filename']} from "
-            f"https://huggingface.co/{cfg['hf_hub_id']} (or the training file {cfg['official_filename']}) "
-            f"elsewhere and pass it: create_model({variant!r}, checkpoint_path='...')"
-        ) from e
-
-
 def _create_mambavision(
     variant: str,
     pretrained: bool = False,
@@ -530,7 +514,7 @@ def _create_mambavision(
     model = MambaVision(**{**args, **kwargs})
     model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": variant}
     if pretrained and checkpoint_path is None:
-        checkpoint_path = _download(cfg, variant, cache_dir)
+        checkpoint_path = download_weights(cfg, variant, cache_dir)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, variant)
     if features_only:
@@ -540,17 +524,5 @@ def _create_mambavision(
     return model
 
 
-def _register(variant: str):
-    def builder(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
-        return _create_mambavision(variant, pretrained, checkpoint_path, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = variant
-    builder.__doc__ = f"MambaVision {variant}: {_VARIANTS[variant][0]}"
-    builder.__module__ = __name__
-    globals()[variant] = register_model(builder, timm=True)
-
-
-for _variant in _VARIANTS:
-    _register(_variant)
-
+globals().update(register_variants(__name__, _VARIANTS, _create_mambavision, "MambaVision"))
 default_cfgs = {name: cfg for name, (_, cfg) in _VARIANTS.items()}

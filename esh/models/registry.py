@@ -115,3 +115,19 @@ def create_model(
             f"unknown model {name!r}{hint} ({len(_builders)} models are registered: see esh.list_models())"
         )
     return builder(pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+
+
+def register_variants(module_name: str, variants: dict, create: Callable[..., nn.Module], family: str) -> dict:
+    """Register one builder per variant name (``create(variant, pretrained, checkpoint_path,
+    **kwargs)`` does the work), esh's and timm's; returns the builders by name."""
+    builders = {}
+    for variant, (args, _cfg) in variants.items():
+
+        def builder(pretrained: bool = False, checkpoint_path: str | None = None, _v=variant, **kwargs) -> nn.Module:
+            return create(_v, pretrained, checkpoint_path, **kwargs)
+
+        builder.__name__ = builder.__qualname__ = variant
+        builder.__module__ = module_name
+        builder.__doc__ = f"{family} {variant}: {args}"
+        builders[variant] = register_model(builder, timm=True)
+    return builders

@@ -20,13 +20,13 @@ from esh._compat import import_timm
 from esh.layers import BiMambaMixer
 from esh.models._checkpoint import (
     CheckpointError,
-    WeightsUnavailableError,
+    download_weights,
     extract_state_dict,
     load_into,
     read_checkpoint,
     strip_prefix,
 )
-from esh.models.registry import register_model
+from esh.models.registry import register_variants
 
 _timm = import_timm()
 DropPath = _timm.layers.DropPath
@@ -287,16 +287,7 @@ def _create_vim(variant: str, pretrained: bool = False, checkpoint_path: str | N
     ema = kwargs.pop("ema", False)
     cache_dir = kwargs.pop("cache_dir", None)
     if pretrained and checkpoint_path is None:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            checkpoint_path = hf_hub_download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
-        except Exception as e:
-            raise WeightsUnavailableError(
-                f"could not download the {variant} weights ({cfg['hf_hub_id']}/{cfg['hf_hub_filename']}: "
-                f"{type(e).__name__}: {e}). Download the file elsewhere and pass it: "
-                f"create_model({variant!r}, checkpoint_path='...')"
-            ) from e
+        checkpoint_path = download_weights(cfg, variant, cache_dir)
     args = {**args, **kwargs}
     if checkpoint_path is not None and "stride" not in kwargs:
         img = args.get("img_size", 224)
@@ -315,17 +306,5 @@ def _create_vim(variant: str, pretrained: bool = False, checkpoint_path: str | N
     return model
 
 
-def _register(variant: str) -> None:
-    def builder(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
-        return _create_vim(variant, pretrained, checkpoint_path, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = variant
-    builder.__module__ = __name__
-    builder.__doc__ = f"Vision Mamba {variant}: {_VARIANTS[variant][0]}"
-    globals()[variant] = register_model(builder, timm=True)
-
-
-for _variant in _VARIANTS:
-    _register(_variant)
-
+globals().update(register_variants(__name__, _VARIANTS, _create_vim, "Vision Mamba"))
 default_cfgs = {name: cfg for name, (_, cfg) in _VARIANTS.items()}
