@@ -235,3 +235,10 @@ def test_workspace_survives_switching_in_and_out_of_inference_mode():
     torch.testing.assert_close(inside, outside)
     with torch.inference_mode():
         torch.testing.assert_close(selective_scan_chunked(**x, delta_softplus=True), outside)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1024, 1025)])
+def test_layout_transpose_both_paths(shape):
+    x = torch.randn(*shape)
+    out = chunked._swap_last2(x)
+    assert out.is_contiguous() and torch.equal(out, x.transpose(1, 2))

@@ -149,7 +149,7 @@ def _swap_last2(x: Tensor, out: Tensor | None = None) -> Tensor:
     2-D transpose at a time, which PyTorch blocks for the cache; small ones in one copy."""
     if out is None:
         out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
-    if x.shape[1] * x.shape[2] < (1 << 16):
+    if x.shape[1] * x.shape[2] < (1 << 20):  # measured: one strided copy wins below ~1M per matrix
         return out.copy_(x.transpose(1, 2))
     for b in range(x.shape[0]):
         out[b].copy_(x[b].t())
