@@ -17,10 +17,7 @@ from torch import Tensor, nn
 
 from esh.ops import selective_scan
 
-
-def _dt_bias(d_inner: int, dt_min: float, dt_max: float, floor: float) -> Tensor:
-    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+from .mamba_init import init_dt_proj
 
 
 class BiMambaMixer(nn.Module):
@@ -44,14 +41,11 @@ class BiMambaMixer(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
-        std = self.dt_rank**-0.5
         for suffix in ("", "_b"):
             conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
             x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
             dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
-            nn.init.uniform_(dt_proj.weight, -std, std)
-            with torch.no_grad():
-                dt_proj.bias.copy_(_dt_bias(d_inner, dt_min, dt_max, dt_init_floor))
+            init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
             setattr(self, f"conv1d{suffix}", conv)
             setattr(self, f"x_proj{suffix}", x_proj)
             setattr(self, f"dt_proj{suffix}", dt_proj)

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from esh.ops import selective_scan
 
+from .mamba_init import init_dt_proj
+
 
 def _conv1d_same(x: Tensor, weight: Tensor) -> Tensor:
     """Depthwise conv1d with PyTorch's "same" padding, written with explicit pads so that it
@@ -51,12 +53,7 @@ class MambaVisionMixer(nn.Module):
         self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
         # Mamba's dt initialisation (MambaVision's network-wide init later overwrites Linears)
-        std = self.dt_rank**-0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(half) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_dt_proj(self.dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(half, 1))
         self.D = nn.Parameter(torch.ones(half))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
