@@ -9,6 +9,7 @@ convention (9 FLOPs) of mamba_ssm's reference FLOP counter.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 
@@ -63,7 +64,8 @@ def count_model(model: nn.Module, input_size: tuple[int, int, int], name: str = 
         out = torch.empty_like(u)
         return (out, u.new_empty(u.shape[0], u.shape[1], A.shape[1])) if return_last_state else out
 
-    meta = model.to("meta") if any(p.device.type != "meta" for p in model.parameters()) else model
+    # count on a meta copy: the caller's model keeps its weights, device and train/eval mode
+    meta = copy.deepcopy(model).to("meta")
     x = torch.empty(1, *input_size, device="meta")
     counter = FlopCounterMode(display=False)
     try:

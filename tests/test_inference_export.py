@@ -144,3 +144,13 @@ def test_export_reproduces_eager(tmp_path, fmt):
 def test_export_rejects_an_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="onnx"):
         export_model(_tiny(), tmp_path / "x", "tflite")
+
+
+def test_counting_leaves_the_callers_model_untouched():
+    from esh.info import count_model
+
+    model = _tiny().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = count_model(model, (3, 32, 32))
+    assert info.params == sum(p.numel() for p in model.parameters()) and model.training
+    assert all(v.device.type == "cpu" and torch.equal(v, before[k]) for k, v in model.state_dict().items())

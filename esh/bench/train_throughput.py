@@ -16,7 +16,8 @@ from esh.bench.vision_throughput import build
 PAIRS = (("mambavision_nano", "mobilenetv3_small_100"), ("mambavision_t", "convnext_tiny"))
 
 
-def train_images_per_s(name: str, batch: int, size: int | None, amp: bool, repeats: int) -> tuple[float, int]:
+def train_images_per_s(name: str, batch: int, size: int | None, amp: bool, repeats: int) -> tuple[float, int, int]:
+    """(images/s, input size, parameters) of training ``name`` from a fresh model."""
     model = build(name).train()
     if size is None:
         size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
@@ -31,7 +32,8 @@ def train_images_per_s(name: str, batch: int, size: int | None, amp: bool, repea
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch / time_call(step, repeats=repeats, warmup=1), size
+    params = sum(p.numel() for p in model.parameters())
+    return batch / time_call(step, repeats=repeats, warmup=1), size, params
 
 
 def run(
@@ -47,9 +49,8 @@ def run(
     for ours, peer in pairs:
         size = None  # the esh model's default input size, used for its peer too
         for name in (ours, peer):
-            fp32, size = train_images_per_s(name, batch, size, False, repeats)
-            bf16, _ = train_images_per_s(name, batch, size, True, repeats)
-            params = sum(p.numel() for p in build(name).parameters())
+            fp32, size, params = train_images_per_s(name, batch, size, False, repeats)
+            bf16, _, _ = train_images_per_s(name, batch, size, True, repeats)
             rows.append((ours, name, size, params, fp32, bf16))
     lines = [
         f"training throughput (forward + backward + AdamW step), batch {batch}, {torch.get_num_threads()} threads",

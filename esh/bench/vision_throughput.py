@@ -121,7 +121,7 @@ def run(
     rows = []
     for name in models:
         model = build(name)
-        info = count_model(build(name), (3, size, size), name)
+        info = count_model(model, (3, size, size), name)
         for batch in batches:
             ips = {mode: measure(model, batch, size, mode, repeats, max_seconds) for mode in modes}
             rows.append(Row(name, batch, ips, info.total_gflops))
