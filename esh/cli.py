@@ -112,10 +112,26 @@ _TRAIN_FLAGS = {
 _TRAIN_SWITCHES = {
     "amp": "bfloat16 autocast on CPU, float16 with a grad scaler on CUDA",
     "ema": "keep an EMA of the weights and validate it too",
-    "grad_checkpointing": "recompute blocks in the backward to save memory",
+    "grad_checkpointing": "recompute blocks in the backward to save memory (default: the model's choice)",
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the model",
 }
+
+
+def _parse_model_args(items: Sequence[str]) -> dict:
+    """``KEY=VALUE`` pairs for the model builder; values are read as Python literals when they parse."""
+    import ast
+
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg expects KEY=VALUE with KEY a Python name, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -127,6 +143,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides.update({k: True for k in _TRAIN_SWITCHES if getattr(args, k)})
     if args.augment is False:
         overrides["augment"] = False
+    if args.no_grad_checkpointing:
+        overrides["grad_checkpointing"] = False
+    model_kwargs = _parse_model_args(args.model_arg or [])
+    if args.ponder_warmup is not None:
+        model_kwargs["ponder_warmup_steps"] = args.ponder_warmup
+    if model_kwargs:
+        overrides["model_kwargs"] = model_kwargs
     if args.smoke_test:
         overrides.setdefault("epochs", 1)
         overrides.setdefault("max_steps", 20)
@@ -222,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
     train.add_argument(
         "--no-aug", dest="augment", action="store_false", default=None, help="train on the evaluation transform"
+    )
+    train.add_argument(
+        "--no-grad-checkpointing", action="store_true", help="never recompute blocks (ESH-Vision does by default)"
+    )
+    train.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra model-builder argument, repeatable (e.g. drop_path_rate=0.1)",
+    )
+    train.add_argument(
+        "--ponder-warmup",
+        type=int,
+        help="ESH models: optimizer steps before the ponder cost enters the loss (the model's default: 15000)",
     )
     train.add_argument("--resume", help="an output directory (or its last.pth) to continue exactly")
     train.add_argument("--smoke-test", action="store_true", help="one epoch of at most 20 steps")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import signal
@@ -136,17 +137,65 @@ def test_auxiliary_losses_hook_is_added_and_logged(tmp_path, monkeypatch):
     trainer = Trainer(_cfg(tmp_path))
     calls = []
 
-    def aux():
-        calls.append(1)
-        return {"loss_extra": torch.tensor(0.5), "alpha_mean": torch.tensor(0.25)}
+    def aux(step):
+        calls.append(step)
+        return {"loss_extra": torch.tensor(0.5), "alpha_mean": torch.tensor(0.25), "ponder_cost": 1.5}
 
     trainer.model.auxiliary_losses = aux
+    trainer.global_step = 7
     logits = torch.randn(2, 4)
     targets = torch.tensor([0, 1])
     loss, logged = trainer._loss(logits, targets)
     plain = trainer.criterion(logits, targets)
     assert float(loss) == pytest.approx(float(plain) + 0.5)
-    assert logged == {"loss_extra": 0.5, "alpha_mean": 0.25} and calls
+    assert logged == {"loss_extra": 0.5, "alpha_mean": 0.25, "ponder_cost": 1.5}
+    assert calls == [7]  # the hook is told how many optimizer steps are done (loss schedules)
+
+
+def test_model_statistics_are_logged_per_step_and_resume_keeps_one_row_per_step(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path, out=str(out), max_steps=3, epochs=1)
+    trainer = Trainer(cfg)
+    trainer.model.auxiliary_losses = lambda step: {"alpha_mean": torch.tensor(0.1 * step)}
+    trainer.fit()
+    with open(out / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [float(r["alpha_mean"]) for r in rows] == pytest.approx([0.0, 0.1, 0.2])
+    assert all(float(r["loss"]) > 0 and float(r["lr"]) > 0 for r in rows)
+    # a run resumed from step 2 redoes step 3: the log keeps one row for it
+    trainer = Trainer(cfg)
+    trainer.resume(out / "last.pth")
+    trainer.global_step = 2
+    trainer.fit()
+    with open(out / "steps.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_models_that_ask_for_gradient_checkpointing_get_it_unless_refused(tmp_path, monkeypatch):
+    from esh.models import mambavision
+
+    monkeypatch.setattr(mambavision.MambaVision, "default_grad_checkpointing", True, raising=False)
+    assert Trainer(_cfg(tmp_path)).model.grad_checkpointing
+    assert not Trainer(_cfg(tmp_path, grad_checkpointing=False)).model.grad_checkpointing
+
+
+def test_model_arguments_reach_the_builder(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, model_kwargs={"drop_path_rate": 0.2}))
+    rates = [m.drop_prob for m in trainer.model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+
+
+def test_cli_model_arguments_are_parsed_and_bad_ones_rejected(capsys):
+    from esh.cli import _parse_model_args
+
+    assert _parse_model_args(["drop_path_rate=0.1", "name=abc", "flag=True"]) == {
+        "drop_path_rate": 0.1,
+        "name": "abc",
+        "flag": True,
+    }
+    assert main(["train", "--model-arg", "no-equals-sign", "--smoke-test"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def test_cli_trains_on_an_image_folder(tmp_path, capsys):

@@ -2,9 +2,12 @@
 
 Built from timm's pieces (optimizers, cosine schedule with warm-up stepped per update,
 label-smoothing and mixup losses, model EMA, transforms). A model may contribute its own
-loss terms: if it has ``auxiliary_losses()``, the trainer calls it after each forward; every
-returned entry whose name starts with ``loss`` is added to the objective, the others are only
-logged (the ESH models use this for ponder cost and routing statistics).
+loss terms: if it has ``auxiliary_losses(step)``, the trainer calls it after each forward with
+the number of optimizer steps done so far; every returned entry whose name starts with ``loss``
+is added to the objective, the others are only logged, per step, in ``steps.csv`` and the
+progress bar (the ESH models use this for the ponder cost schedule and routing statistics).
+A model whose class sets ``default_grad_checkpointing = True`` is trained with block-level
+gradient checkpointing unless ``grad_checkpointing=False`` is given.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class TrainConfig:
     cutmix: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: the model's default_grad_checkpointing (else off)
+    model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. ponder_warmup_steps
     channels_last: bool = False
     compile: bool = False
     randaug: str | None = None  # e.g. "rand-m9-mstd0.5"
@@ -119,11 +123,11 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from esh.models import is_model
 
     if is_model(cfg.model):
-        return create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes)
+        return create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes, **cfg.model_kwargs)
     timm = import_timm()
     if not timm.is_model(cfg.model):
         raise ValueError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
-    kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "")
+    kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "", **cfg.model_kwargs)
     if cfg.img_size:
         try:  # models with position embeddings are built for the size; the others take no img_size
             return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
@@ -172,7 +176,10 @@ class Trainer:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if cfg.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+        checkpointing = cfg.grad_checkpointing
+        if checkpointing is None:
+            checkpointing = bool(getattr(self.model, "default_grad_checkpointing", False))
+        if checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
         self.rank, self.world = _init_distributed(self.device)
@@ -240,6 +247,7 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.history = -1.0, []
+        self.step_log: _StepLog | None = None
 
     # --- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:
@@ -294,10 +302,10 @@ class Trainer:
         logged = {}
         aux_fn = getattr(self.model, "auxiliary_losses", None)
         if callable(aux_fn):
-            for name, value in aux_fn().items():
+            for name, value in aux_fn(self.global_step).items():
                 if name.startswith("loss"):
                     loss = loss + value
-                logged[name] = float(value.detach())
+                logged[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
         return loss, logged
 
     def train_epoch(self) -> dict[str, float]:
@@ -349,6 +357,8 @@ class Trainer:
             self.step_in_epoch += 1
             self.scheduler.step_update(num_updates=self.global_step)
             lr = self.optimizer.param_groups[0]["lr"]
+            if self.step_log is not None:
+                self.step_log.write({"step": self.global_step, "loss": float(loss.detach()), "lr": lr, **logged})
             rate = total / (time.perf_counter() - start)
             bar.set_postfix(
                 loss=f"{loss_sum / total:.3f}",
@@ -393,6 +403,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         writer = _Logger(self.out, cfg.log) if lead else None
+        self.step_log = _StepLog(self.out / "steps.csv", self.global_step) if lead else None
         while self.epoch < cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             hit_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
@@ -406,6 +417,7 @@ class Trainer:
                 break
         if writer is not None:
             writer.close()
+            self.step_log.close()
         final = self.history[-1]["val_acc"] if self.history else float("nan")
         return {
             "best_val_acc": self.best_acc,
@@ -430,6 +442,41 @@ class Trainer:
                 f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%"
             )
+
+
+class _StepLog:
+    """One CSV row per optimizer step: loss, learning rate and whatever the model logs.
+
+    Rows are appended and flushed as training goes; a resumed run first drops the rows of steps
+    it is about to redo (the file is rewritten atomically), so the log stays one row per step.
+    """
+
+    def __init__(self, path: Path, done_steps: int):
+        self.path = path
+        self.keys: list[str] | None = None
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.keys = list(reader.fieldnames or []) or None
+                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= done_steps]
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                if self.keys:
+                    w = csv.DictWriter(f, fieldnames=self.keys)
+                    w.writeheader()
+                    w.writerows(rows)
+            tmp.replace(path)
+        self.file = open(path, "a", newline="")  # noqa: SIM115  (kept open for the run, closed by close())
+
+    def write(self, row: dict) -> None:
+        if self.keys is None:
+            self.keys = list(row)
+            csv.writer(self.file).writerow(self.keys)
+        csv.DictWriter(self.file, fieldnames=self.keys, extrasaction="ignore").writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _Logger:
