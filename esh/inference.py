@@ -18,12 +18,15 @@ from torch import nn
 from esh._compat import import_timm, import_torchvision
 
 
-def eval_transform(model: nn.Module, img_size: int | None = None) -> Callable:
-    """The model's evaluation preprocessing (timm ``create_transform`` from its pretrained_cfg)."""
+def eval_transform(model: nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> Callable:
+    """The model's evaluation preprocessing (timm ``create_transform`` from its pretrained_cfg);
+    ``img_size`` and ``crop_pct`` (1.0: no border cropped off) override the model's values."""
     timm = import_timm()
     cfg = timm.data.resolve_data_config(model=model)
     if img_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
+    if crop_pct is not None:
+        cfg["crop_pct"] = crop_pct
     return timm.data.create_transform(**cfg, is_training=False)
 
 
