@@ -199,6 +199,28 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_saliency(args: argparse.Namespace) -> int:
+    from esh.viz.saliency import demo, load_saliency_model, save_saliency
+
+    if args.demo == bool(args.image):
+        raise ValueError("give either --image IMG or --demo")
+    if args.demo:
+        try:
+            paths = demo(
+                args.out or "saliency_demo", args.model, args.checkpoint, args.per_block, args.img_size, args.device
+            )
+        except ImportError as e:  # scikit-image, which ships the photographs, is an optional extra
+            print(f"esh saliency: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        model, info = load_saliency_model(args.model, args.checkpoint, args.pretrained, args.device)
+        out = args.out or f"{Path(args.image).stem}_saliency.png"
+        paths = [save_saliency(model, info, args.image, out, per_block=args.per_block, img_size=args.img_size)]
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_bench_vision(args: argparse.Namespace) -> int:
     from esh.bench.vision_throughput import main_from_args
 
@@ -312,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--layerwise", action="store_true", help="every layer_i of A against every layer_i of B")
     align.add_argument("--heatmap", help="with --layerwise: write the score matrix as a PNG")
     align.set_defaults(func=_cmd_align)
+
+    saliency = sub.add_parser("saliency", help="α-saliency heatmaps: where an ESH model routes patches to attention")
+    saliency.add_argument("--model", help="an ESH vision model (default: the checkpoint's; esh_vision_nano for --demo)")
+    saliency.add_argument("--checkpoint", help="weights (esh train's best.pth/last.pth); without: untrained weights")
+    saliency.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
+    saliency.add_argument("--image", help="an image file (RGB or grey)")
+    saliency.add_argument("--demo", action="store_true", help="the photographs that ship with scikit-image")
+    saliency.add_argument("--out", help="PNG (default IMAGE_saliency.png), or with --demo a folder (saliency_demo)")
+    saliency.add_argument("--per-block", action="store_true", help="also one map per block, not only per stage")
+    saliency.add_argument("--img-size", type=int, help="model input size (default: the model's or the checkpoint's)")
+    saliency.add_argument("--device", default="cpu")
+    saliency.set_defaults(func=_cmd_saliency)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
