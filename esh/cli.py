@@ -174,7 +174,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from esh.align import cka, mknn
+    from esh.align import score
     from esh.align.io import load_embeddings
 
     if args.layerwise:
@@ -183,7 +183,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
         la, lb = load_layers(args.a), load_layers(args.b)
         for metric in args.metric:
-            scores = layerwise(la, lb, metric, k=args.k)
+            scores = layerwise(la, lb, metric, k=args.k, clip_quantile=args.clip_quantile)
             i, j, v = best_pair(scores)
             print(f"{metric}: {len(la)} x {len(lb)} layers, best A layer {i} / B layer {j} = {v:.6f}")
             if args.heatmap:
@@ -194,7 +194,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         return 0
     A, B = load_embeddings(args.a, args.column), load_embeddings(args.b, args.column)
     for metric in args.metric:
-        value = mknn(A, B, k=args.k) if metric == "mknn" else cka(A, B, unbiased=metric == "cka-unbiased")
+        value = score(A, B, metric, k=args.k, clip_quantile=args.clip_quantile, clip_mode=args.clip_mode)
         print(f"{metric}: {value:.6f}")
     return 0
 
@@ -328,8 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="alignment of two embeddings of the same items (MKNN, CKA)")
     align.add_argument("a", help="embeddings A: .npy, .npz or .parquet")
     align.add_argument("b", help="embeddings B, same items in the same order")
-    align.add_argument("--metric", nargs="+", choices=("mknn", "cka", "cka-unbiased"), default=["mknn", "cka"])
-    align.add_argument("--k", type=int, default=10, help="neighbours for mknn (default 10)")
+    align.add_argument("--metric", nargs="+", choices=("mknn", "cka", "cka-unbiased", "cknna"), default=["mknn", "cka"])
+    align.add_argument("--k", type=int, default=10, help="neighbours for mknn and cknna (default 10)")
+    align.add_argument(
+        "--clip-quantile",
+        type=float,
+        help="clip outlier features to this quantile of |x| first (Huh et al. 2024 use 0.95; default: no clipping)",
+    )
+    align.add_argument(
+        "--clip-mode",
+        choices=("row-mean", "global"),
+        default="row-mean",
+        help="row-mean: mean of per-item quantiles (platonic-rep default); global: one quantile of all values",
+    )
     align.add_argument("--column", help="parquet column or npz array holding the embeddings")
     align.add_argument("--layerwise", action="store_true", help="every layer_i of A against every layer_i of B")
     align.add_argument("--heatmap", help="with --layerwise: write the score matrix as a PNG")

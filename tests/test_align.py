@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from esh.align import AlignmentInputError, cka, mknn
+from esh.align import AlignmentInputError, cka, cknna, clip_outliers, mknn, score
 
 
 def naive_mknn(A, B, k):
@@ -38,6 +38,36 @@ def naive_cka(A, B, unbiased=False):
             return t / (n * (n - 3))
 
     return hsic(K, L) / (hsic(K, K) * hsic(L, L)) ** 0.5
+
+
+def naive_remove_outliers(feats, q, exact=False):
+    # platonic-rep's remove_outliers, written out
+    if exact:
+        t = feats.reshape(-1).abs().sort().values[int(q * feats.numel())]
+    else:
+        t = torch.quantile(feats.abs().flatten(start_dim=1), q, dim=1).mean()
+    return feats.clamp(-t, t)
+
+
+def naive_cknna(A, B, k):
+    # Huh et al.'s cknna(unbiased=True) on L2-normalised features, with full n x n matrices
+    X = torch.nn.functional.normalize(torch.as_tensor(A, dtype=torch.float64), dim=1)
+    Y = torch.nn.functional.normalize(torch.as_tensor(B, dtype=torch.float64), dim=1)
+    K, L = X @ X.T, Y @ Y.T
+    n = K.shape[0]
+
+    def hsic_unbiased(P, Q):
+        P, Q = P.clone().fill_diagonal_(0), Q.clone().fill_diagonal_(0)
+        t = (P * Q.T).sum() + P.sum() * Q.sum() / ((n - 1) * (n - 2)) - 2 * (P @ Q).sum() / (n - 2)
+        return t / (n * (n - 3))
+
+    def similarity(P, Q):
+        mp = torch.zeros(n, n, dtype=torch.float64).scatter_(1, P.clone().fill_diagonal_(-np.inf).topk(k).indices, 1)
+        mq = torch.zeros(n, n, dtype=torch.float64).scatter_(1, Q.clone().fill_diagonal_(-np.inf).topk(k).indices, 1)
+        m = mp * mq
+        return hsic_unbiased(m * P, m * Q)
+
+    return float(similarity(K, L) / torch.sqrt(similarity(K, K) * similarity(L, L)))
 
 
 @pytest.fixture
@@ -122,3 +152,54 @@ def test_layerwise_scores_best_pair_and_heatmap(tmp_path, capsys):
     args = ["align", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--layerwise", "--metric", "cka"]
     assert main([*args, "--heatmap", str(png)]) == 0
     assert "best A layer 1 / B layer 1" in capsys.readouterr().out and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("k", [2, 5, 20])
+@pytest.mark.parametrize("block", [13, 1024])
+def test_cknna_equals_huh_et_als_full_matrix_version(pair, k, block):
+    A, B = pair
+    assert cknna(A, B, k=k, block_size=block) == pytest.approx(naive_cknna(A, B, k), rel=1e-9)
+
+
+def test_cknna_of_identical_embeddings_is_one_and_rejects_k_below_two(pair):
+    A, _ = pair
+    assert cknna(A, A, k=5) == pytest.approx(1.0)
+    with pytest.raises(AlignmentInputError, match="k >= 2"):
+        cknna(A, A, k=1)
+
+
+@pytest.mark.parametrize("mode,exact", [("row-mean", False), ("global", True)])
+def test_outlier_clipping_is_platonic_reps_remove_outliers(mode, exact):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 40, generator=g)
+    X[:, 3] *= 50  # an "emergent outlier" feature
+    torch.testing.assert_close(clip_outliers(X, 0.95, mode), naive_remove_outliers(X, 0.95, exact))
+
+
+def test_clipped_mknn_is_huh_et_als_variant_and_can_change_the_score():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(300, 32, generator=g)
+    B = A + 0.3 * torch.randn(300, 32, generator=g)
+    A[:, 0] += 40 * torch.randn(300, generator=g)  # one outlier dimension dominates A's cosine geometry
+    clipped = mknn(A, B, k=10, clip_quantile=0.95)
+    assert clipped == pytest.approx(naive_mknn(naive_remove_outliers(A, 0.95), naive_remove_outliers(B, 0.95), 10))
+    assert clipped > mknn(A, B, k=10) + 0.1
+    assert score(A, B, "mknn", k=10, clip_quantile=0.95) == clipped
+    assert score(A, B, "cka") == cka(A, B)
+    with pytest.raises(AlignmentInputError, match="metric must be one of"):
+        score(A, B, "svcca")
+    with pytest.raises(AlignmentInputError, match="quantile"):
+        mknn(A, B, clip_quantile=1.5)
+
+
+def test_cli_align_cknna_with_clipping(pair, tmp_path, capsys):
+    from esh.cli import main
+
+    A, B = pair
+    np.save(tmp_path / "a.npy", A.numpy())
+    np.save(tmp_path / "b.npy", B.numpy())
+    args = ["align", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--metric", "cknna", "mknn", "--k", "5"]
+    assert main([*args, "--clip-quantile", "0.95"]) == 0
+    out = capsys.readouterr().out
+    assert f"cknna: {cknna(A, B, k=5, clip_quantile=0.95):.6f}" in out
+    assert f"mknn: {mknn(A, B, k=5, clip_quantile=0.95):.6f}" in out

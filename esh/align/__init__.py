@@ -1,5 +1,5 @@
-"""Representation alignment: mutual k-nearest neighbours and CKA, blocked for large n."""
+"""Representation alignment: mutual k-nearest neighbours, CKA and CKNNA, blocked for large n."""
 
-from .metrics import AlignmentInputError, cka, mknn
+from .metrics import METRICS, AlignmentInputError, cka, cknna, clip_outliers, mknn, score
 
-__all__ = ["AlignmentInputError", "cka", "mknn"]
+__all__ = ["METRICS", "AlignmentInputError", "cka", "cknna", "clip_outliers", "mknn", "score"]

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import cka, mknn
+from .metrics import score
 
 
-def layerwise(layers_a: Sequence, layers_b: Sequence, metric: str = "mknn", k: int = 10) -> np.ndarray:
-    """(len(layers_a), len(layers_b)) scores; ``metric`` is mknn, cka or cka-unbiased."""
-    if metric not in ("mknn", "cka", "cka-unbiased"):
-        raise ValueError(f"metric must be mknn, cka or cka-unbiased; got {metric!r}")
+def layerwise(
+    layers_a: Sequence, layers_b: Sequence, metric: str = "mknn", k: int = 10, clip_quantile: float | None = None
+) -> np.ndarray:
+    """(len(layers_a), len(layers_b)) scores; ``metric`` is one of ``esh.align.METRICS``."""
     scores = np.zeros((len(layers_a), len(layers_b)))
     for i, a in enumerate(layers_a):
         for j, b in enumerate(layers_b):
-            scores[i, j] = mknn(a, b, k=k) if metric == "mknn" else cka(a, b, unbiased=metric == "cka-unbiased")
+            scores[i, j] = score(a, b, metric, k=k, clip_quantile=clip_quantile)
     return scores
 
 

@@ -5,6 +5,12 @@ that no n x n matrix is ever held (n = 50,000, d = 768 fits a laptop).
   cosine similarity in A and in B (the item itself excluded), the mean overlap divided by k.
 * ``cka``: linear CKA (Kornblith et al. 2019) from d x d cross-covariances; ``unbiased=True``
   uses the unbiased HSIC estimator (Song et al. 2012), also in O(n d²) without n x n Grams.
+* ``cknna``: Huh et al. (2024)'s CKNNA: unbiased HSIC of the cosine kernels restricted to the
+  mutual k-NN pairs, normalised like CKA; the masked kernels have at most n k entries, so it is
+  computed on those entries alone.
+* ``clip_outliers``: Huh et al.'s outlier clipping (``remove_outliers`` of platonic-rep):
+  features clamped to ±q-quantile of |x| before the metric. ``mknn(..., clip_quantile=0.95)`` is
+  the "Huh et al. 2024" MKNN variant; without it, MKNN is exactly ``pu.metrics.mknn``.
 """
 
 from __future__ import annotations
@@ -51,18 +57,117 @@ def knn_indices(X: Tensor, k: int, block_size: int = 1024) -> Tensor:
     return out
 
 
-def mknn(A, B, k: int = 10, block_size: int = 1024) -> float:
-    """Mean overlap of the k-nearest-neighbour sets of each item in A and in B, divided by k."""
-    A, B = _check_pair(A, B)
-    n = A.shape[0]
+def clip_outliers(X: Tensor, q: float, mode: str = "row-mean") -> Tensor:
+    """Clamp X to ±t, t the q-quantile of |X| (Huh et al. 2024, platonic-rep ``remove_outliers``).
+
+    ``mode="row-mean"``: t is the mean over rows of each row's q-quantile of |x| (platonic-rep's
+    default, ``exact=False``); ``mode="global"``: t is the q-quantile of all |x| (its
+    ``exact=True``; pu's ``truncate_percentile`` does the same with numpy's percentile).
+    """
+    if not 0 < q <= 1:
+        raise AlignmentInputError(f"the clipping quantile must be in (0, 1]; got {q}")
+    if q == 1:
+        return X
+    a = X.abs().float()
+    if mode == "row-mean":
+        t = torch.quantile(a, q, dim=1).mean()
+    elif mode == "global":
+        flat = a.flatten()
+        # platonic-rep's exact=True: sorted |x| at index int(q * numel) (torch.quantile refuses
+        # more than 16M elements, kthvalue does not)
+        t = flat.kthvalue(min(flat.numel(), int(q * flat.numel()) + 1)).values
+    else:
+        raise AlignmentInputError(f"clip mode must be 'row-mean' or 'global'; got {mode!r}")
+    return X.clamp(-float(t), float(t))
+
+
+def _clipped(A: Tensor, B: Tensor, clip_quantile: float | None, clip_mode: str) -> tuple[Tensor, Tensor]:
+    if clip_quantile is None:
+        return A, B
+    return clip_outliers(A, clip_quantile, clip_mode), clip_outliers(B, clip_quantile, clip_mode)
+
+
+def _check_k(k: int, n: int) -> None:
     if not 1 <= k < n:
         raise AlignmentInputError(f"k must be between 1 and n - 1 = {n - 1} (self excluded); got k={k}")
+
+
+def mknn(
+    A, B, k: int = 10, block_size: int = 1024, clip_quantile: float | None = None, clip_mode: str = "row-mean"
+) -> float:
+    """Mean overlap of the k-nearest-neighbour sets of each item in A and in B, divided by k.
+
+    Neighbours by cosine similarity, each item's own row excluded: ``pu.metrics.mknn``.
+    ``clip_quantile=0.95`` first clips outlier features as Huh et al. (2024) do (see
+    :func:`clip_outliers`).
+    """
+    A, B = _check_pair(A, B)
+    n = A.shape[0]
+    _check_k(k, n)
+    A, B = _clipped(A, B, clip_quantile, clip_mode)
     na, nb = knn_indices(A, k, block_size), knn_indices(B, k, block_size)
     overlap = 0
     for start in range(0, n, block_size):  # sorted set intersection, per block
         a, b = na[start : start + block_size], nb[start : start + block_size]
         overlap += int((a[:, :, None] == b[:, None, :]).any(-1).sum())
     return overlap / (n * k)
+
+
+def _hsic_unbiased_sparse(rows: Tensor, cols: Tensor, kv: Tensor, lv: Tensor, n: int) -> float:
+    """Unbiased HSIC (Song et al. 2012, eq. 5) of two n x n matrices with zero diagonal whose
+    only non-zero entries are at (rows, cols), valued kv and lv."""
+    key = rows * n + cols
+    order = key.argsort()
+    key, kv_sorted, lv_sorted = key[order], kv[order], lv[order]
+    # tr(K L) = sum_ij K_ij L_ji: look up L at the transposed position of every entry
+    tkey = cols[order] * n + rows[order]
+    pos = torch.searchsorted(key, tkey).clamp(max=max(len(key) - 1, 0))
+    found = key[pos] == tkey
+    trace = float((kv_sorted * torch.where(found, lv_sorted[pos], torch.zeros_like(lv_sorted))).sum())
+    col_k = torch.zeros(n, dtype=torch.float64).index_add_(0, cols, kv)  # 1'K
+    row_l = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, lv)  # L1
+    one_kl = float(col_k @ row_l)  # 1'KL1
+    total = trace + float(kv.sum()) * float(lv.sum()) / ((n - 1) * (n - 2)) - 2 * one_kl / (n - 2)
+    return total / (n * (n - 3))
+
+
+def cknna(
+    A, B, k: int = 10, block_size: int = 1024, clip_quantile: float | None = None, clip_mode: str = "row-mean"
+) -> float:
+    """CKNNA (Huh et al. 2024): CKA of the cosine kernels kept only on mutual k-NN pairs.
+
+    As platonic-rep computes it (``unbiased=True``): rows L2-normalised, K = A A^T and
+    L = B B^T; for each item i its k nearest others in A and in B (self excluded); the mask keeps
+    (i, j) when j is among both; score = HSIC(mK, mL) / sqrt(HSIC(m_A K, m_A K) HSIC(m_B L, m_B L))
+    with the unbiased HSIC estimator (platonic-rep adds 1e-6 to that denominator; we do not).
+    """
+    A, B = _check_pair(A, B)
+    n = A.shape[0]
+    if n < 4:
+        raise AlignmentInputError(f"cknna needs at least 4 items (unbiased HSIC); got {n}")
+    if k < 2:
+        raise AlignmentInputError(f"cknna needs k >= 2; got k={k}")
+    _check_k(k, n)
+    A, B = _clipped(A, B, clip_quantile, clip_mode)
+    An = torch.nn.functional.normalize(A.double(), dim=1)
+    Bn = torch.nn.functional.normalize(B.double(), dim=1)
+    na, nb = knn_indices(An, k, block_size), knn_indices(Bn, k, block_size)
+    item = torch.arange(n).unsqueeze(1).expand(n, k)
+
+    def masked(X: Tensor, Y: Tensor, nx: Tensor, ny: Tensor) -> float:
+        keep = torch.zeros(n, k, dtype=torch.bool)
+        for start in range(0, n, block_size):
+            a, b = nx[start : start + block_size], ny[start : start + block_size]
+            keep[start : start + block_size] = (a[:, :, None] == b[:, None, :]).any(-1)
+        rows, cols = item[keep], nx[keep]
+        kv = (X[rows] * X[cols]).sum(1)
+        lv = (Y[rows] * Y[cols]).sum(1)
+        return _hsic_unbiased_sparse(rows, cols, kv, lv, n)
+
+    kl = masked(An, Bn, na, nb)
+    kk = masked(An, An, na, na)
+    ll = masked(Bn, Bn, nb, nb)
+    return kl / max(kk * ll, 1e-300) ** 0.5
 
 
 def _moments(X: Tensor, Y: Tensor, block_size: int):
@@ -123,3 +228,23 @@ def cka(A, B, unbiased: bool = False, block_size: int = 4096) -> float:
     num = float((cxy * cxy).sum())
     den = float((cxx * cxx).sum()) ** 0.5 * float((cyy * cyy).sum()) ** 0.5
     return num / max(den, 1e-300)
+
+
+METRICS = ("mknn", "cka", "cka-unbiased", "cknna")
+
+
+def score(
+    A, B, metric: str = "mknn", k: int = 10, clip_quantile: float | None = None, clip_mode: str = "row-mean"
+) -> float:
+    """One alignment score by name: ``mknn``, ``cka``, ``cka-unbiased`` or ``cknna``.
+
+    ``clip_quantile`` applies Huh et al.'s outlier clipping first (all metrics).
+    """
+    if metric not in METRICS:
+        raise AlignmentInputError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if metric in ("mknn", "cknna"):
+        fn = mknn if metric == "mknn" else cknna
+        return fn(A, B, k=k, clip_quantile=clip_quantile, clip_mode=clip_mode)
+    A, B = _check_pair(A, B)
+    A, B = _clipped(A, B, clip_quantile, clip_mode)
+    return cka(A, B, unbiased=metric == "cka-unbiased")

@@ -5,6 +5,7 @@ model and any timm model, each with the family's proper pooling and its own prep
   class-token entry).
 * MambaVision: the pooled features (average of the final BatchNorm-ed map; per stage, the
   average of each stage map).
+* ESH-Vision: the pooled features, like MambaVision; per intermediate, the spatial average.
 * timm ViT-like models: the CLS token when the model has one (``global_pool="token"``),
   otherwise the mean of the patch tokens; per block, the mean of the block's patch tokens.
 * other timm models (CNNs): ``forward_head(pre_logits=True)``; per stage, spatial means.
@@ -34,14 +35,16 @@ class EmbeddingAdapter:
         self.amp = amp
 
     @classmethod
-    def load(cls, name: str, checkpoint_path: str | None = None, **kwargs) -> EmbeddingAdapter:
+    def load(
+        cls, name: str, checkpoint_path: str | None = None, pretrained: bool = False, **kwargs
+    ) -> EmbeddingAdapter:
         from esh.models import create_model, is_model
 
         if is_model(name):
-            model = create_model(name, checkpoint_path=checkpoint_path, num_classes=0)
+            model = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0)
         else:
             model = import_timm().create_model(
-                name, pretrained=False, num_classes=0, checkpoint_path=checkpoint_path or ""
+                name, pretrained=pretrained, num_classes=0, checkpoint_path=checkpoint_path or ""
             )
         return cls(model, **kwargs)
 
@@ -91,6 +94,10 @@ class MambaVisionAdapter(EmbeddingAdapter):
     pooling = "average of the final normalised map; per stage, the average of each stage map"
 
 
+class ESHVisionAdapter(EmbeddingAdapter):
+    pooling = "average of the final normalised map; per block or stage, the average of its map"
+
+
 class TimmTokenAdapter(EmbeddingAdapter):
     """ViT-like timm models (tokens out of forward_features)."""
 
@@ -116,15 +123,19 @@ class TimmTokenAdapter(EmbeddingAdapter):
 
 
 def get_adapter(
-    name: str, checkpoint_path: str | None = None, device: str = "cpu", amp: bool = False
+    name: str, checkpoint_path: str | None = None, device: str = "cpu", amp: bool = False, pretrained: bool = False
 ) -> EmbeddingAdapter:
-    """The adapter for a model name: esh's families by prefix, timm's models by their kind."""
+    """The adapter for a model name: esh's families by prefix, timm's models by their kind.
+
+    ``pretrained=True`` downloads the released weights (esh: the hub, network needed)."""
     if name.startswith("vim"):
         cls: type[EmbeddingAdapter] = VimAdapter
     elif name.startswith("mambavision"):
         cls = MambaVisionAdapter
+    elif name.startswith("esh_vision"):
+        cls = ESHVisionAdapter
     elif any(k in name for k in ("vit", "deit", "eva", "beit")):
         cls = TimmTokenAdapter
     else:
         cls = EmbeddingAdapter
-    return cls.load(name, checkpoint_path, device=device, amp=amp)
+    return cls.load(name, checkpoint_path, pretrained=pretrained, device=device, amp=amp)
