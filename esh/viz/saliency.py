@@ -34,7 +34,7 @@ DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # in scikit-image's 
 DEMO_MODEL = "esh_vision_nano"
 UNTRAINED_NOTE = "untrained weights: the maps show the entropy prior and random routing, not learned saliency"
 COLORMAP = "turbo"
-OVERLAY_OPACITY = 0.55
+OVERLAY_OPACITY = 0.6
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -71,18 +71,15 @@ def _as_pil(image: ImageLike) -> Image.Image:
     raise ValueError(f"image must be a file path, a PIL image or a numpy array; got {type(image).__name__}")
 
 
-def _square_view(image: ImageLike, mode: str, max_side: int) -> Image.Image:
-    """The centred square of the image in ``mode`` ("L" or "RGB"), at most ``max_side`` pixels wide."""
+def _square_crop(image: ImageLike, mode: str) -> Image.Image:
+    """The centred square of side min(height, width) of the image, in ``mode`` ("L" or "RGB")."""
     pil = _as_pil(image).convert(mode)
     width, height = pil.size
     side = min(width, height)
     if side < 1:
         raise ValueError(f"the image is empty ({width}x{height} pixels)")
     left, top = (width - side) // 2, (height - side) // 2
-    view = pil.crop((left, top, left + side, top + side))
-    if side > max_side:
-        view = view.resize((max_side, max_side), Image.Resampling.BICUBIC)
-    return view
+    return pil.crop((left, top, left + side, top + side))
 
 
 def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -115,7 +112,9 @@ def _routing_outputs(model: nn.Module, x: Tensor) -> dict:
     return out
 
 
-def alpha_maps(model: nn.Module, image: ImageLike, img_size: int | None = None, max_side: int = 1024) -> dict[str, Any]:
+def alpha_maps(
+    model: nn.Module, image: ImageLike, img_size: int | None = None, min_side: int = 256, max_side: int = 1024
+) -> dict[str, Any]:
     """Per-block and per-stage α maps of one image, upsampled to the image.
 
     Args:
@@ -124,10 +123,11 @@ def alpha_maps(model: nn.Module, image: ImageLike, img_size: int | None = None, 
             ``ponder_cost`` and ``block_stage`` (the stage index of each block), as ESH-Vision does.
         image: a file path, a PIL image or a (H, W[, 3]) uint8 array (float arrays in [0, 1] too).
             Converted to grey or RGB as the model's ``in_chans`` asks, then centre-cropped to a
-            square of side min(H, W) (shrunk to ``max_side`` pixels if larger) -- the picture the
-            maps are drawn on.
+            square of side S = min(H, W): the model sees that square, and the maps are drawn on it.
         img_size: the side of the model input (default: the model's ``pretrained_cfg`` input size).
-        max_side: the largest side of the returned picture and maps.
+        min_side, max_side: the returned picture and maps are the square resized (bicubic) into
+            this range of sides, so that small images (a 28x28 digit) still show smooth maps and
+            large ones do not take gigabytes; S is that side below.
 
     Returns:
         a dict with
@@ -144,9 +144,9 @@ def alpha_maps(model: nn.Module, image: ImageLike, img_size: int | None = None, 
     in_chans = _in_chans(model)
     if in_chans not in (1, 3):
         raise ValueError(f"saliency draws grey or RGB images; the model takes {in_chans} input channels")
-    view = _square_view(image, "L" if in_chans == 1 else "RGB", max_side)
+    crop = _square_crop(image, "L" if in_chans == 1 else "RGB")
     transform = eval_transform(model, img_size, crop_pct=1.0)  # the square is already the crop
-    x = transform(view)[None]
+    x = transform(crop)[None]
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -159,7 +159,8 @@ def alpha_maps(model: nn.Module, image: ImageLike, img_size: int | None = None, 
     finally:
         model.train(was_training)
 
-    side = view.size[0]
+    side = min(max(crop.size[0], min_side), max_side)
+    view = crop if side == crop.size[0] else crop.resize((side, side), Image.Resampling.BICUBIC)
     raw = [a[0].float().cpu() for a in out["alphas"]]
     block_stage = [int(s) for s in out["block_stage"]]
     blocks = torch.stack([_upsample(a[None], (side, side))[0] for a in raw])
@@ -203,7 +204,6 @@ def saliency_title(
 
 
 def _overlay(ax, grey: np.ndarray, alpha_map: np.ndarray, title: str) -> None:
-    # a grey underlay, so that the photo's own colours are not read as α
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
     ax.imshow(alpha_map, cmap=COLORMAP, vmin=0.0, vmax=1.0, alpha=OVERLAY_OPACITY, interpolation="antialiased")
     ax.set_title(title, fontsize=9)
@@ -240,7 +240,9 @@ def render_saliency(
     picture = np.asarray(_as_pil(image).resize((side, side), Image.Resampling.BICUBIC))
     if picture.ndim == 3 and picture.shape[-1] == 4:
         picture = picture[..., :3]
-    grey = np.asarray(Image.fromarray(picture).convert("L"))
+    # the photo under the heatmaps in grey with half its contrast, so that neither its colours nor
+    # its black and white read as α
+    grey = np.asarray(Image.fromarray(picture).convert("L")) // 2 + 64
 
     num_stages, num_blocks = len(stages), len(blocks)
     ncols = num_stages + 1
