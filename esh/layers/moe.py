@@ -1,0 +1,129 @@
+"""Top-1 (Switch) mixture of SwiGLU experts, dropless by default.
+
+Routing follows Switch Transformer (Fedus et al., 2022): router logits in float32, ``p =
+softmax(logits)``, each token goes to ``argmax p`` and the expert's output is multiplied by that
+probability (which is what gives the router a gradient). The layer returns, beside its output,
+the load-balancing loss ``N · Σ_i f_i · P_i`` (``f_i`` the fraction of tokens dispatched to
+expert i, ``P_i`` the mean router probability of expert i; 1 for uniform routing, N when all
+tokens go to one expert with probability 1) and the ST-MoE router z-loss ``mean(logsumexp(logits)²)``,
+both *unweighted*: the model applies the coefficients.
+
+Without ``capacity_factor`` no token is dropped: tokens are sorted by expert and each expert
+runs once on its group. With it, each expert takes at most ``ceil(capacity_factor · T / E)`` of
+the T tokens, first come first served in (batch, position) order; the overflow gets a zero
+output (it continues on the residual path) and the dropped fraction is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MoEAux", "SwiGLU", "SwitchMoE"]
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``, no biases (Mixtral's expert names)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class MoEAux:
+    """What a ``SwitchMoE`` forward reports besides its output (all float32 scalars unless noted).
+
+    load_balance_loss: ``N · Σ f_i P_i`` over the tokens of the call (differentiable through P).
+    z_loss: ``mean over tokens of logsumexp(router logits)²`` (differentiable).
+    dropped_fraction: share of tokens that got no expert (0 when dropless; no gradient).
+    expert_fraction: (N,) ``f_i``, the share of tokens each expert was chosen for (no gradient).
+    """
+
+    load_balance_loss: Tensor
+    z_loss: Tensor
+    dropped_fraction: Tensor
+    expert_fraction: Tensor
+
+
+class SwitchMoE(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        n_experts: int = 4,
+        capacity_factor: float | None = None,
+        router_jitter: float = 0.0,
+        router_init_scale: float = 0.1,
+    ):
+        super().__init__()
+        if n_experts < 1 or hidden < 1:
+            raise ValueError(f"SwitchMoE: n_experts and hidden must be >= 1; got {n_experts}, {hidden}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"SwitchMoE: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
+        self.d_model, self.hidden, self.n_experts = d_model, hidden, n_experts
+        self.capacity_factor = capacity_factor
+        self.router_jitter = router_jitter
+        self.router_init_scale = router_init_scale
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
+        self.reset_router()
+
+    def reset_router(self) -> None:
+        """Switch's small router init: truncated normal with std sqrt(s / d_model), s = 0.1."""
+        std = math.sqrt(self.router_init_scale / self.d_model)
+        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits and probabilities (tokens, N) in float32 for ``x`` (tokens, d_model)."""
+        x = x.float()
+        if self.training and self.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        logits = F.linear(x, self.router.weight.float())
+        return logits, logits.softmax(dim=-1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        """(..., d_model) -> (..., d_model) and the ``MoEAux`` of these tokens."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n_tokens, n_exp = x.shape[0], self.n_experts
+        logits, probs = self.route(x)
+        gate, expert = probs.max(dim=-1)
+
+        with torch.no_grad():
+            dispatch = F.one_hot(expert, n_exp).float()
+            expert_fraction = dispatch.mean(0)
+            if self.capacity_factor is None:
+                keep = None
+                dropped = torch.zeros((), device=x.device)
+            else:
+                capacity = math.ceil(self.capacity_factor * n_tokens / n_exp)
+                rank_in_expert = (dispatch.cumsum(0) * dispatch).sum(-1) - 1  # 0 for an expert's first token
+                keep = rank_in_expert < capacity
+                dropped = 1.0 - keep.float().mean()
+        load_balance = n_exp * (expert_fraction * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+        # group the tokens by expert (dropped ones get the id n_exp and sort last), run each expert once
+        target = expert if keep is None else torch.where(keep, expert, n_exp)
+        order = torch.argsort(target, stable=True)
+        counts = torch.bincount(target, minlength=n_exp + 1)[:n_exp].tolist()
+        n_kept = sum(counts)
+        order = order[:n_kept]
+        groups = x[order].split(counts)
+        outs = [self.experts[e](g) for e, g in enumerate(groups) if g.shape[0]]
+        y = x.new_zeros(x.shape)
+        if outs:
+            out = torch.cat(outs) * gate[order, None].to(outs[0].dtype)
+            y = y.to(out.dtype).index_add(0, order, out)
+        aux = MoEAux(load_balance, z_loss, dropped, expert_fraction)
+        return y.reshape(shape[:-1] + (y.shape[-1],)), aux
