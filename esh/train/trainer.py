@@ -480,11 +480,12 @@ class _StepLog:
 
 
 class _Logger:
-    """metrics.csv always; TensorBoard or wandb on request (optional extras)."""
+    """metrics.csv always; TensorBoard or wandb on request (optional extras). One row per
+    value of ``key`` (the epoch; the LM trainer logs by step): a rewritten row replaces the old."""
 
-    def __init__(self, out: Path, kind: str):
+    def __init__(self, out: Path, kind: str, key: str = "epoch"):
         self.path = out / "metrics.csv"
-        self.kind = kind
+        self.kind, self.key = kind, key
         self.tb = self.wandb = None
         if kind == "tensorboard":
             from esh._compat import require
@@ -505,7 +506,7 @@ class _Logger:
         rows = []
         if self.path.exists():
             with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) != row["epoch"]]
+                rows = [r for r in csv.DictReader(f) if int(r[self.key]) != row[self.key]]
         rows.append(row)
         keys = list(dict.fromkeys(k for r in rows for k in r))
         tmp = self.path.with_suffix(".tmp")
@@ -516,8 +517,8 @@ class _Logger:
         tmp.replace(self.path)
         if self.tb is not None:
             for k, v in row.items():
-                if k != "epoch":
-                    self.tb.add_scalar(k, v, row["epoch"])
+                if k != self.key:
+                    self.tb.add_scalar(k, v, row[self.key])
         if self.wandb is not None:
             self.wandb.log(row)
 
