@@ -1,0 +1,507 @@
+"""The language-model trainer: ``Trainer(model, train_dataloader, config).train()``.
+
+Works with any causal LM that follows the ESH LM contract — ``model(input_ids, labels=ids)``
+returns an object with ``loss`` (the objective: next-token cross-entropy plus the model's
+weighted auxiliary losses), ``ce_loss``, and optionally ``aux_loss``, ``alphas`` (per-layer
+(B, T) router values) and ``moe_stats`` (a dict of floats) — so ``ESHModel``, the pure Mamba
+LM and the GPT baseline train the same way.
+
+A batch is a LongTensor (B, T) of token ids (labels = the ids; the model shifts them) or a
+dict with ``input_ids`` and optionally ``labels`` (``-100`` = ignored).
+
+What it does, nanoGPT's recipe made resumable: AdamW with weight decay on matrices only (and
+never on parameters marked ``_no_weight_decay``, such as Mamba's ``A_log`` and ``D``), linear
+warm-up then cosine decay to ``min_lr`` per optimizer step, bf16 autocast (``use_amp``),
+gradient checkpointing (``use_checkpoint``), accumulation, clipping, evaluation of the
+held-out split (loss in nats per token, bits per token, and per byte / per character when the
+config gives bytes / characters per token), atomic checkpoints (``last.pth``, plus the model's
+``save_pretrained`` files when it has them) and exact resume: weights, optimizer, step,
+every RNG and the position in the data, so N steps in one go equal k steps, a resume, and
+N − k steps. Under ``torchrun`` the model is wrapped in DDP (or FSDP2 with
+``distributed="fsdp"``); every process reads its own data loader, rank 0 evaluates, logs and
+saves. Per-step statistics go to ``steps.csv``, evaluations to ``metrics.csv`` (and
+TensorBoard or wandb with ``log=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from esh.models._checkpoint import CheckpointError
+from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
+from esh.train.trainer import _init_distributed, _Logger, _StepLog, seed_everything
+
+CHECKPOINT_FILE = "last.pth"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of ``Trainer``. Defaults follow nanoGPT; ``batch_size`` and
+    ``block_size`` are what ``esh lm train`` builds its data loaders with (the trainer itself
+    reads whatever the loader yields). Steps are optimizer steps."""
+
+    lr: float = 3e-4
+    min_lr: float | None = None  # end of the cosine decay; None: lr / 10
+    warmup_steps: int = 100
+    max_steps: int | None = None  # None: num_epochs passes over the data loader
+    num_epochs: int = 1
+    batch_size: int = 12  # sequences per process and micro-batch
+    block_size: int = 256  # tokens per sequence (predictions per window)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global gradient norm; None or 0: no clipping
+    gradient_accumulation_steps: int = 1
+    use_amp: bool = False
+    amp_dtype: str = "bfloat16"  # or "float16" (with a gradient scaler on CUDA)
+    use_checkpoint: bool = False  # gradient checkpointing (model.set_grad_checkpointing)
+    eval_interval: int = 250  # evaluate every N steps (and at the end); 0: only at the end
+    eval_iters: int | None = 100  # evaluation batches; None: the whole evaluation loader
+    log_interval: int = 10  # refresh the progress bar every N steps
+    out_dir: str | None = "runs/lm"  # None: write nothing
+    save_every: int = 0  # also checkpoint every N steps (always at evaluations and the end)
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available, else cpu
+    log: str = "csv"  # csv (always), tensorboard or wandb
+    progress: bool = True
+    distributed: str = "ddp"  # under torchrun: ddp or fsdp
+    eval_bytes_per_token: float | None = None  # UTF-8 bytes per token of the evaluation split
+    eval_chars_per_token: float | None = None  # characters per token of the evaluation split
+
+    def __post_init__(self) -> None:
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'ddp' or 'fsdp'; got {self.distributed!r}")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainingConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """nanoGPT's schedule: linear warm-up to ``lr`` over ``warmup_steps``, cosine decay to
+    ``min_lr`` at ``decay_steps``, ``min_lr`` after. ``step`` counts from 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on parameters with two or more dimensions (matrices, embeddings), none on
+    biases, norm weights, LayerScale gammas, or anything marked ``_no_weight_decay``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _split_batch(batch) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(f"a dict batch needs 'input_ids'; got keys {sorted(batch)}")
+        ids = batch["input_ids"]
+        labels = batch.get("labels", ids)
+    elif torch.is_tensor(batch):
+        ids = labels = batch
+    else:
+        raise ValueError(
+            f"expected batches of token ids: a LongTensor (B, T) or a dict with input_ids[, labels]; got {type(batch)}"
+        )
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor (B, T); got {ids.dtype} {tuple(ids.shape)}")
+    return ids.long(), labels.long()
+
+
+def _generators(loader) -> list[torch.Generator]:
+    """The torch generators that decide a loader's order (its own, its sampler's)."""
+    found: list[torch.Generator] = []
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    for owner in (getattr(loader, "dataset", None), getattr(loader, "sampler", None)):
+        if callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)
+
+
+def _all_rng_state(device: torch.device) -> dict:
+    state = rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_all_rng_state(state: dict, device: torch.device) -> None:
+    set_rng_state(state)
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Train a causal LM. ``train()`` returns the last evaluation (``val_loss`` in nats per
+    token, ``val_bits_per_token``, ``val_bpb`` / ``val_bpc`` when the config gives the ratios)
+    and the steps done; ``evaluate()`` scores the evaluation loader alone."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataloader,
+        config: TrainingConfig | None = None,
+        eval_dataloader=None,
+    ):
+        self.config = cfg = config or TrainingConfig()
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        )
+        seed_everything(cfg.seed)
+        self.model = model.to(self.device)
+        self.train_loader, self.eval_loader = train_dataloader, eval_dataloader
+        if cfg.use_checkpoint:
+            if not callable(getattr(model, "set_grad_checkpointing", None)):
+                raise ValueError(f"use_checkpoint=True but {type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        self.rank, self.world = _init_distributed(self.device)
+        self.lead = self.rank == 0
+        self.forward_model = self._wrap(model)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda"
+        )
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.use_amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
+        self.total_steps = self._total_steps()
+        self.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+        self.step = self.epoch = self.batches_in_epoch = 0
+        self.epoch_rng: dict | None = None
+        self.history: list[dict] = []
+        self._iter: Iterator | None = None
+
+    # --- setup ----------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        if self.config.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+            for layer in blocks[0] if blocks else []:
+                fully_shard(layer)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        try:
+            per_epoch = len(self.train_loader) // cfg.gradient_accumulation_steps
+        except TypeError:
+            raise ValueError("the training loader has no length: set TrainingConfig.max_steps") from None
+        if per_epoch < 1:
+            raise ValueError(
+                f"the training loader has {len(self.train_loader)} batches, fewer than "
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
+            )
+        return per_epoch * cfg.num_epochs
+
+    def _autocast(self):
+        if not self.config.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- data -----------------------------------------------------------------------------
+    def _start_epoch(self, skip: int = 0) -> None:
+        """A fresh iterator over the training loader for ``self.epoch``; the RNG state just
+        before it is kept so a resumed run can rebuild the same iterator and skip ``skip``
+        micro-batches."""
+        _set_epoch(self.train_loader, self.epoch)
+        if self.epoch_rng is None:
+            self.epoch_rng = {
+                "rng": _all_rng_state(self.device),
+                "loader": [g.get_state() for g in _generators(self.train_loader)],
+            }
+        self._iter = iter(self.train_loader)
+        for _ in range(skip):
+            next(self._iter)
+
+    def _next_batch(self):
+        if self._iter is None:
+            self._start_epoch()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.batches_in_epoch, self.epoch_rng = self.epoch + 1, 0, None
+            self._start_epoch()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                raise ValueError("the training loader yields no batches") from None
+        self.batches_in_epoch += 1
+        return batch
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _model_state(self) -> dict:
+        if self.world > 1 and self.config.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict()
+
+    def _optim_state(self) -> dict:
+        if self.world > 1 and self.config.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self._model_state(),
+            "optimizer": self._optim_state(),
+            "scaler": self.scaler.state_dict(),
+            "config": asdict(self.config),
+            "global_step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.batches_in_epoch,  # micro-batches of this epoch already consumed
+            "epoch_rng": self.epoch_rng,
+            "rng": _all_rng_state(self.device),
+            "history": self.history,
+        }
+
+    def save(self) -> Path | None:
+        """Write ``last.pth`` atomically (and the model's own files, when it can save itself)."""
+        if self.out is None:
+            return None
+        state = self.state_dict()  # every rank takes part in gathering FSDP shards
+        if not self.lead:
+            return None
+        path = self.out / CHECKPOINT_FILE
+        atomic_save(state, path)
+        fsdp = self.world > 1 and self.config.distributed == "fsdp"  # sharded parameters: last.pth only
+        if callable(getattr(self.model, "save_pretrained", None)) and not fsdp:
+            self.model.save_pretrained(self.out)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continue exactly where the run that wrote ``path`` (``last.pth`` or its directory) stopped."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        ckpt = load_training_checkpoint(path)
+        try:
+            if self.world > 1 and self.config.distributed == "fsdp":
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                opts = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, ckpt["model"], options=opts)
+                set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=opts)
+            else:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} does not fit this model: {e}") from None
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.batches_in_epoch = ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]
+        self.history = list(ckpt.get("history", []))
+        self.epoch_rng = ckpt["epoch_rng"]
+        if self.epoch_rng is not None:  # rebuild the data iterator exactly as it was
+            _set_all_rng_state(self.epoch_rng["rng"], self.device)
+            for g, s in zip(_generators(self.train_loader), self.epoch_rng["loader"]):
+                g.set_state(s)
+            self._start_epoch(skip=self.batches_in_epoch)
+        _set_all_rng_state(ckpt["rng"], self.device)
+
+    # --- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> dict[str, float]:
+        """Mean next-token cross-entropy over the tokens of ``eval_iters`` batches of the
+        evaluation loader, in nats per token, and in bits per token / byte / character."""
+        loader = loader if loader is not None else self.eval_loader
+        if loader is None:
+            raise ValueError("no evaluation loader: pass eval_dataloader= to Trainer")
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        # a loader's iterator draws a seed from the global RNG: keep training's random stream as
+        # it is, so that evaluating (or not) never changes what training does
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            for i, batch in enumerate(loader):
+                if self.config.eval_iters is not None and i >= self.config.eval_iters:
+                    break
+                ids, labels = _split_batch(batch)
+                ids, labels = ids.to(self.device), labels.to(self.device)
+                with self._autocast():
+                    out = self.model(ids, labels=labels)
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(out.ce_loss.float()) * n
+                count += n
+        self.model.train(was_training)
+        if count == 0:
+            raise ValueError("the evaluation loader yields no tokens to predict")
+        loss = total / count
+        result = {"val_loss": loss, "val_bits_per_token": loss / math.log(2), "val_tokens": count}
+        if self.config.eval_bytes_per_token:
+            result["val_bpb"] = loss / math.log(2) / self.config.eval_bytes_per_token
+        if self.config.eval_chars_per_token:
+            result["val_bpc"] = loss / math.log(2) / self.config.eval_chars_per_token
+        return result
+
+    # --- training -------------------------------------------------------------------------
+    def _micro_step(self, batch, sync: bool) -> tuple[dict[str, float], int]:
+        ids, labels = _split_batch(batch)
+        ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        no_sync = getattr(self.forward_model, "no_sync", None)
+        ctx = (
+            no_sync()
+            if (not sync and callable(no_sync) and self.config.distributed == "ddp")
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            with self._autocast():
+                out = self.forward_model(ids, labels=labels)
+            if out.loss is None:
+                raise ValueError(f"{type(self.model).__name__} returned no loss for labels")
+            self.scaler.scale(out.loss / self.config.gradient_accumulation_steps).backward()
+        stats = {"loss": float(out.loss.detach())}
+        if getattr(out, "ce_loss", None) is not None:
+            stats["ce_loss"] = float(out.ce_loss.detach())
+        if getattr(out, "aux_loss", None) is not None:
+            stats["aux_loss"] = float(out.aux_loss.detach())
+        alphas = getattr(out, "alphas", None)
+        if alphas:
+            stats["alpha_mean"] = float(torch.stack([a.detach().float().mean() for a in alphas]).mean())
+        for k, v in (getattr(out, "moe_stats", None) or {}).items():
+            stats[k] = float(v)
+        return stats, ids.numel()
+
+    def _optimizer_step(self) -> tuple[dict[str, float], int]:
+        cfg = self.config
+        lr = cosine_lr(self.step, cfg.lr, self.min_lr, cfg.warmup_steps, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            stats, n = self._micro_step(self._next_batch(), sync=micro == cfg.gradient_accumulation_steps - 1)
+            tokens += n
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+        grad_norm = float("nan")
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"lr": lr, "grad_norm": grad_norm, **sums}, tokens * self.world
+
+    def train(self, until: int | None = None) -> dict:
+        """Run to ``total_steps`` optimizer steps (continuing after ``load_checkpoint``), or stop
+        after step ``until`` with a checkpoint (the schedule still spans ``total_steps``)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.model.train()
+        step_log = logger = None
+        if self.out is not None and self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            step_log = _StepLog(self.out / "steps.csv", self.step)
+            logger = _Logger(self.out, cfg.log, key="step")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            disable=not cfg.progress or not self.lead,
+            dynamic_ncols=True,
+        )
+        last_eval: dict[str, float] = {}
+        start, tokens_done = time.perf_counter(), 0
+        stop = self.total_steps if until is None else min(until, self.total_steps)
+        try:
+            while self.step < stop:
+                row, tokens = self._optimizer_step()
+                tokens_done += tokens
+                row = {"step": self.step, **row, "tokens_per_s": tokens_done / (time.perf_counter() - start)}
+                if step_log is not None:
+                    step_log.write(row)
+                bar.update(1)
+                if self.step % max(cfg.log_interval, 1) == 0 or self.step == self.total_steps:
+                    post = {
+                        "loss": f"{row['loss']:.4f}",
+                        "lr": f"{row['lr']:.2e}",
+                        "tok/s": f"{row['tokens_per_s']:.0f}",
+                    }
+                    if "alpha_mean" in row:
+                        post["alpha"] = f"{row['alpha_mean']:.3f}"
+                    if last_eval:
+                        post["val"] = f"{last_eval['val_loss']:.4f}"
+                    bar.set_postfix(post)
+                at_end = self.step == stop
+                evaluate = self.eval_loader is not None and (
+                    at_end or (cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                )
+                if evaluate and self.lead:
+                    last_eval = self.evaluate()
+                    entry = {
+                        "step": self.step,
+                        "train_loss": row["loss"],
+                        **last_eval,
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                    self.history.append(entry)
+                    if logger is not None:
+                        logger.write(entry)
+                    bar.write(
+                        f"step {self.step}: train loss {row['loss']:.4f}, "
+                        f"val loss {last_eval['val_loss']:.4f} nats/token"
+                        + (f", {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else "")
+                    )
+                if evaluate or at_end or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+        finally:
+            bar.close()
+            if step_log is not None:
+                step_log.close()
+            if logger is not None:
+                logger.close()
+        return {"steps": self.step, "seconds": time.perf_counter() - start, **last_eval}
