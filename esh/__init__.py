@@ -3,8 +3,11 @@
 from . import ops
 from ._version import __version__
 from .models import UnknownModelError, create_model, is_model, list_models, register_model
+from .train.lm import Trainer, TrainingConfig
 
 __all__ = [
+    "Trainer",
+    "TrainingConfig",
     "UnknownModelError",
     "__version__",
     "create_model",
