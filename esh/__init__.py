@@ -3,9 +3,12 @@
 from . import ops
 from ._version import __version__
 from .models import UnknownModelError, create_model, is_model, list_models, register_model
+from .models.esh_vision import ESHVisionBackbone, ESHVisionConfig
 from .train.lm import Trainer, TrainingConfig
 
 __all__ = [
+    "ESHVisionBackbone",
+    "ESHVisionConfig",
     "Trainer",
     "TrainingConfig",
     "UnknownModelError",

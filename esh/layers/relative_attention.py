@@ -1,0 +1,135 @@
+"""Multi-head self-attention with a Swin-style relative position bias, windowed or global.
+
+Tokens live on an (H, W) map. Where the map is larger than the window, attention runs inside
+non-overlapping ``window x window`` windows (the map is zero-padded to whole windows and the
+padding is masked out as keys); where it fits, the window shrinks to the map and attention is
+global. The bias of a query/key pair is a learned per-head entry of a ((2w-1)², heads) table
+indexed by their (dy, dx), as in Swin; it enters ``scaled_dot_product_attention`` as its
+float ``attn_mask``.
+
+``forward`` attends over every token. ``forward_tokens`` attends among a subset of tokens only
+(ESH-Vision's hard routing and ACT pondering): each selected token attends to the selected
+tokens of its own window, with the same bias; windows are packed to the largest selected count,
+so the work (projections and attention alike) shrinks with the number of selected tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RelativeMHSA"]
+
+
+class RelativeMHSA(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"RelativeMHSA: dim {dim} is not divisible by num_heads {num_heads}")
+        if window_size < 1:
+            raise ValueError(f"RelativeMHSA: window_size must be >= 1; got {window_size}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+
+    def windows(self, H: int, W: int) -> tuple[int, int]:
+        """The window (height, width) on an H x W map: the configured window, or the map where it fits."""
+        return min(self.window_size, H), min(self.window_size, W)
+
+    def relative_index(self, wh: int, ww: int, device: torch.device) -> Tensor:
+        """(wh*ww, wh*ww) index into the bias table for every pair of positions in a window."""
+        w = self.window_size
+        ys, xs = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        dy = ys[:, None] - ys[None, :] + w - 1
+        dx = xs[:, None] - xs[None, :] + w - 1
+        return dy * (2 * w - 1) + dx
+
+    def _attend(self, qkv: Tensor, mask: Tensor) -> Tensor:
+        """qkv (n, L, 3*dim), mask broadcastable to (n, heads, L, L) -> (n, L, dim) before proj."""
+        n, L, _ = qkv.shape
+        q, k, v = qkv.view(n, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(n, L, self.num_heads * self.head_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, dim) -> (B, H, W, dim): every token attends within its window."""
+        B, H, W, C = x.shape
+        wh, ww = self.windows(H, W)
+        ph, pw = -H % wh, -W % ww
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        Hp, Wp = H + ph, W + pw
+        nh, nw = Hp // wh, Wp // ww
+        win = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, wh * ww, C)
+        idx = self.relative_index(wh, ww, x.device)
+        mask = self.relative_position_bias_table[idx].permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        if ph or pw:  # padded positions are not keys
+            valid = torch.ones(Hp, Wp, dtype=torch.bool, device=x.device)
+            valid[H:] = False
+            valid[:, W:] = False
+            valid = valid.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, 1, 1, wh * ww)
+            key_mask = torch.zeros(valid.shape, dtype=mask.dtype, device=x.device).masked_fill(~valid, float("-inf"))
+            mask = (mask + key_mask).repeat(B, 1, 1, 1)  # (B * nh * nw, heads, N, N)
+        out = self.proj_drop(self.proj(self._attend(self.qkv(win), mask)))
+        out = out.view(B, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        return out[:, :H, :W] if ph or pw else out
+
+    def forward_tokens(self, x: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        """Attention among a subset of the tokens of a (B, H, W) map.
+
+        Args:
+            x: (M, dim) the selected tokens.
+            index: (M,) their flat positions ``b * H * W + row * W + col``, distinct.
+            shape: (B, H, W) of the map.
+        Returns:
+            (M, dim): each token's attention over the selected tokens of its window.
+        """
+        B, H, W = shape
+        M, C = x.shape
+        if M == 0:
+            return x.new_zeros(0, C)
+        wh, ww = self.windows(H, W)
+        nw_row = -(-W // ww)
+        b, rc = index // (H * W), index % (H * W)
+        r, c = rc // W, rc % W
+        window = (b * -(-H // wh) + r // wh) * nw_row + c // ww
+        pos = (r % wh) * ww + c % ww
+        order = torch.argsort(window * (wh * ww) + pos)  # grouped by window, raster order inside
+        window, pos = window[order], pos[order]
+        _, counts = torch.unique_consecutive(window, return_counts=True)
+        n, K = counts.numel(), int(counts.max())
+        packed_window = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+        slot = torch.arange(M, device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+
+        qkv = x.new_zeros(n, K, 3 * C)
+        qkv[packed_window, slot] = self.qkv(x[order])
+        packed_pos = torch.zeros(n, K, dtype=torch.long, device=x.device)
+        packed_pos[packed_window, slot] = pos
+        valid = torch.zeros(n, K, dtype=torch.bool, device=x.device)
+        valid[packed_window, slot] = True
+
+        rel = self.relative_index(wh, ww, x.device)
+        pair = rel[packed_pos[:, :, None], packed_pos[:, None, :]]  # (n, K, K)
+        mask = self.relative_position_bias_table[pair].permute(0, 3, 1, 2)  # (n, heads, K, K)
+        mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
+        out = self._attend(qkv, mask)[packed_window, slot]  # (M, dim), in window order
+        result = torch.empty_like(out)
+        result[order] = out
+        return self.proj_drop(self.proj(result))
