@@ -3,10 +3,13 @@
 from . import ops
 from ._version import __version__
 from .models import UnknownModelError, create_model, is_model, list_models, register_model
+from .models.esh_lm import ESHConfig, ESHModel, esh_large, esh_medium, esh_small
 from .models.esh_vision import ESHVisionBackbone, ESHVisionConfig
 from .train.lm import Trainer, TrainingConfig
 
 __all__ = [
+    "ESHConfig",
+    "ESHModel",
     "ESHVisionBackbone",
     "ESHVisionConfig",
     "Trainer",
@@ -14,6 +17,9 @@ __all__ = [
     "UnknownModelError",
     "__version__",
     "create_model",
+    "esh_large",
+    "esh_medium",
+    "esh_small",
     "is_model",
     "list_models",
     "ops",
