@@ -54,33 +54,44 @@ class BiMambaMixer(nn.Module):
         self.A_b_log = nn.Parameter(A_log.clone())
         self.D_b = nn.Parameter(torch.ones(d_inner))
 
-    def _branch(self, x: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear):
-        seqlen = x.shape[-1]
-        u = F.silu(conv(x)[..., :seqlen])  # causal: left padding d_conv - 1
-        dt, B, C = torch.split(x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # the bias goes to the scan
-        return u, delta, B.transpose(1, 2), C.transpose(1, 2)
-
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """(batch, L, d_model) -> (batch, L, d_model)."""
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L)
-        xb, zb = x.flip(-1), z.flip(-1)
-        u_f, dt_f, B_f, C_f = self._branch(x, self.conv1d, self.x_proj, self.dt_proj)
-        u_b, dt_b, B_b, C_b = self._branch(xb, self.conv1d_b, self.x_proj_b, self.dt_proj_b)
-        # both directions in one scan: channels [forward | backward], one B/C group each
+        """(batch, L, d_model) -> (batch, L, d_model).
+
+        Everything between ``in_proj`` and ``out_proj`` runs channel-major, (batch, channels, L),
+        the layout the scan takes: the projections are matrix products with the weight on the
+        left, so no activation is ever transposed, and the two directions share one conv, one
+        batched ``x_proj``, one batched ``dt_proj`` and one scan.
+        """
+        batch, seqlen, _ = hidden_states.shape
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2d, L)
+        x, z = xz[:, :d], xz[:, d:]
+        # channels [forward | backward]: the backward direction reads the sequence reversed
+        u = F.conv1d(
+            torch.cat([x, x.flip(-1)], 1),
+            torch.cat([self.conv1d.weight, self.conv1d_b.weight], 0),
+            torch.cat([self.conv1d.bias, self.conv1d_b.bias], 0),
+            padding=self.d_conv - 1,
+            groups=2 * d,
+        )[..., :seqlen]
+        u = F.silu(u)
+        x_dbl = torch.matmul(  # (2, r + 2n, d) @ (batch, 2, d, L) -> (batch, 2, r + 2n, L)
+            torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u.view(batch, 2, d, seqlen)
+        )
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=2)
+        delta = torch.matmul(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]), dt)  # bias: in the scan
         y = selective_scan(
-            torch.cat([u_f, u_b], 1),
-            torch.cat([dt_f, dt_b], 1),
+            u,
+            delta.view(batch, 2 * d, seqlen),
             -torch.exp(torch.cat([self.A_log, self.A_b_log], 0).float()),
-            torch.stack([B_f, B_b], 1),
-            torch.stack([C_f, C_b], 1),
+            B,
+            C,
             torch.cat([self.D, self.D_b], 0).float(),
-            z=torch.cat([z, zb], 1),
+            z=torch.cat([z, z.flip(-1)], 1),
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         )
-        y_f, y_b = y.chunk(2, dim=1)
-        y = y_f + y_b.flip(-1)
+        y = y[:, :d] + y[:, d:].flip(-1)
         if self.divide_out:
             y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        return torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())
