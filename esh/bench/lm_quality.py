@@ -1,0 +1,211 @@
+"""ESH LM beside a GPT and a pure Mamba LM: character-level validation loss on the default
+corpus at equal non-embedding parameters (about 0.8M) and an equal token budget.
+
+The recipe is nanoGPT's CPU line (``config/train_shakespeare_char.py`` with ``--block_size=64
+--batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000
+--dropout=0.0``) for all three models: AdamW (0.9, 0.99), weight decay 0.1 on matrices, 100
+warm-up steps, cosine 1e-3 -> 1e-4, clipping at 1.0, 2000 steps of 12 x 64 tokens (1.54M
+training tokens), seed 1337. Corpus: the 42 Gutenberg Shakespeare texts shipped with esh
+(5.06M characters, 84 symbols), first 90 % train, last 10 % validation. The validation loss is
+the mean over every character of the validation split (505,720 characters, windows of 64;
+``--eval-windows N`` scores N windows spread evenly over it), in nats per character, and bits
+per character = nats / ln 2.
+
+Models (non-embedding parameters matched to the GPT's 0.79M within a few percent):
+- ``gpt``: nanoGPT's model, 4 layers, 4 heads, d=128, learned positions, tied head.
+- ``mamba``: 7 x [RMSNorm + Mamba-1 mixer], d=128, d_state 16, expand 2, tied head.
+- ``esh``: 3 ESH blocks, d=128, 4 heads, 4 experts of width 40 (top-1), tied head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
+from esh.train.lm import Trainer, TrainingConfig
+
+MODELS = ("esh", "gpt", "mamba")
+ESH_ARCH = dict(d_model=128, n_layers=3, n_heads=4, n_experts=4, expert_hidden=40)
+
+
+def build_model(name: str, vocab_size: int, block_size: int) -> nn.Module:
+    """One of ``MODELS`` at the benchmark's size (see the module docstring)."""
+    if name == "gpt":
+        from esh.models.gpt import GPT, GPTConfig
+
+        return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size + 1, n_layer=4, n_head=4, n_embd=128))
+    from esh.models.esh_lm import ESHConfig, ESHModel, MambaLM
+
+    if name == "mamba":
+        return MambaLM(vocab_size, d_model=128, n_layers=7)
+    if name == "esh":
+        return ESHModel(ESHConfig(vocab_size=vocab_size, max_seq_len=block_size + 1, **ESH_ARCH))
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``total`` (each tensor once, so a tied head counts once; every expert), ``non_embedding``
+    (without the token table and a learned position table) and ``active`` per token (an MoE model's
+    own count; the total for dense models)."""
+    if callable(getattr(model, "num_parameters", None)):
+        counts = dict(model.num_parameters())
+        return {k: int(counts[k]) for k in ("total", "non_embedding", "active")}
+    total = sum(p.numel() for p in model.parameters())
+    tables = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)]
+    return {"total": total, "non_embedding": total - sum(tables), "active": total}
+
+
+def recipe(max_steps: int, seed: int) -> TrainingConfig:
+    """nanoGPT's CPU recipe (facts: the tiny-LM anchor), evaluation at the end only."""
+    return TrainingConfig(
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        max_steps=max_steps,
+        batch_size=12,
+        block_size=64,
+        weight_decay=0.1,
+        betas=(0.9, 0.99),
+        grad_clip=1.0,
+        eval_interval=0,
+        eval_iters=None,
+        out_dir=None,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        eval_chars_per_token=1.0,
+    )
+
+
+def train_one(
+    name: str,
+    data: LMData,
+    max_steps: int,
+    seed: int,
+    eval_windows: int | None = None,
+    eval_batch: int = 64,
+    progress: bool = False,
+    run_dir: str | None = None,
+) -> dict:
+    """Train ``name`` from scratch with the recipe and return its parameters, validation loss
+    (nats and bits per character) and training wall time. ``eval_windows`` scores that many
+    windows spread evenly over the validation split (default: all of them); ``run_dir`` keeps the
+    trainer's steps.csv and checkpoint."""
+    cfg = recipe(max_steps, seed)
+    cfg.progress, cfg.out_dir = progress, run_dir
+    torch.manual_seed(seed)
+    model = build_model(name, data.tokenizer.vocab_size, cfg.block_size)
+    train_set = RandomBlockDataset(data.train, cfg.block_size, num_samples=max_steps * cfg.batch_size, seed=seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size)
+    eval_set = ContiguousBlockDataset(data.val, cfg.block_size)
+    if eval_windows and eval_windows < len(eval_set):
+        eval_set = Subset(eval_set, torch.linspace(0, len(eval_set) - 1, eval_windows).long().tolist())
+    eval_loader = DataLoader(eval_set, batch_size=eval_batch)
+    trainer = Trainer(model, train_loader, cfg, eval_loader)
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    result = trainer.evaluate()
+    nats = result["val_loss"]  # char-level: one token per character
+    return {
+        "model": name,
+        "seed": seed,
+        **count_parameters(model),
+        "val_nats_per_char": nats,
+        "val_bits_per_char": nats / math.log(2),
+        "val_ppl": math.exp(nats),
+        "train_seconds": train_s,
+        "steps": max_steps,
+        "tokens": max_steps * cfg.batch_size * cfg.block_size,
+        "threads": torch.get_num_threads(),
+        "eval_chars": result["val_tokens"],
+    }
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    lines = [
+        "| model | params total | non-embedding | active / token | val nats/char | bits/char | ppl | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} (seed {r['seed']}) | {r['total'] / 1e6:.3f}M | {r['non_embedding'] / 1e6:.3f}M | "
+            f"{r['active'] / 1e6:.3f}M | {r['val_nats_per_char']:.4f} | {r['val_bits_per_char']:.3f} | "
+            f"{r['val_ppl']:.2f} | {r['train_seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    models: Sequence[str] = MODELS,
+    seeds: Sequence[int] = (1337,),
+    max_steps: int = 2000,
+    threads: int | None = None,
+    out: str | None = None,
+    progress: bool = False,
+    eval_windows: int | None = None,
+    run_dir: str | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train every model for every seed, one after the other; each result is appended to
+    ``out`` (JSON lines) as soon as it is known."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = prepare_lm_data("shakespeare", tokenizer="char")
+    rows = []
+    for seed in seeds:
+        for name in models:
+            where = str(Path(run_dir) / f"{name}_seed{seed}") if run_dir else None
+            row = train_one(name, data, max_steps, seed, eval_windows, progress=progress, run_dir=where)
+            rows.append(row)
+            print_fn(json.dumps(row))
+            if out:
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print_fn(
+        f"char-level Shakespeare ({len(data.train):,} train / {len(data.val):,} validation characters), "
+        f"{max_steps} steps x 12 x 64 tokens, {torch.get_num_threads()} threads"
+    )
+    print_fn(format_table(rows))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    parser.add_argument("--max-steps", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="append each result to this JSON-lines file")
+    parser.add_argument("--table", help="only print the table of a JSON-lines file written by --out")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--eval-windows", type=int, help="windows of 64 scored, spread over the split (default: all)")
+    parser.add_argument("--run-dir", help="keep each run's steps.csv and checkpoint under this folder")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print(format_table(rows))
+        return
+    run(
+        args.models,
+        args.seeds,
+        args.max_steps,
+        args.threads or None,
+        args.out,
+        args.progress,
+        args.eval_windows,
+        args.run_dir,
+    )
