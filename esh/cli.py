@@ -228,6 +228,13 @@ def _cmd_bench_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_elastic(args: argparse.Namespace) -> int:
+    from esh.bench.elastic_compute import main_from_args
+
+    main_from_args(args)
+    return 0
+
+
 def _cmd_bench_scan(args: argparse.Namespace) -> int:
     from esh.bench.selective_scan import main_from_args
 
@@ -370,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     vision_throughput.add_arguments(vision)
     vision.set_defaults(func=_cmd_bench_vision)
+    elastic = bench_sub.add_parser("elastic", help="ESH-Vision: soft vs hard routing at attention budgets")
+    from esh.bench import elastic_compute
+
+    elastic_compute.add_arguments(elastic)
+    elastic.set_defaults(func=_cmd_bench_elastic)
     return parser
 
 

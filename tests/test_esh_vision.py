@@ -353,3 +353,16 @@ def test_variant_parameter_counts_on_meta():
     assert 0.8 < counts["esh_vision_nano"] / counts["mambavision_nano"] < 1.25
     with torch.device("meta"):
         assert len(list(esh.create_model("esh_vision_small").blocks())) == 24
+
+
+def test_elastic_compute_benchmark_runs_every_mode():
+    from esh.bench.elastic_compute import run
+
+    lines = []
+    rows = run(
+        "esh_vision_nano", batch=1, size=32, fractions=(1.0, 0.0), threads=None, repeats=1, print_fn=lines.append
+    )
+    assert [r.mode for r in rows] == ["soft", "hard, α > 0.5", "hard, 100% attention", "hard, 0% attention"]
+    assert rows[2].attn_fraction == 1.0 and rows[3].attn_fraction == 0.0 and rows[3].ponder_cost == 2.0
+    assert all(r.images_per_s > 0 for r in rows)
+    assert "| soft |" in lines[0] and "1.00x" in lines[0]

@@ -17,7 +17,7 @@ from esh._compat import import_timm
 from esh.bench.measure import time_call
 from esh.info import count_model
 
-ESH_MODELS = ("mambavision_t", "mambavision_s", "vim_tiny")
+ESH_MODELS = ("mambavision_t", "mambavision_s", "vim_tiny", "esh_vision_tiny")
 TIMM_MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "deit_small_patch16_224")
 LONG_MODELS = ("vim_tiny", "deit_tiny_patch16_224")
 MODES = ("fp32", "channels_last", "bf16")
