@@ -31,7 +31,7 @@ from esh.inference import eval_transform, load_image
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # in scikit-image's wheel, no download
-DEMO_MODEL = "esh_vision_nano"
+DEMO_MODEL = "esh_vision_tiny"
 UNTRAINED_NOTE = "untrained weights: the maps show the entropy prior and random routing, not learned saliency"
 COLORMAP = "turbo"
 OVERLAY_OPACITY = 0.6
@@ -383,7 +383,7 @@ def demo(
     device: str | torch.device = "cpu",
 ) -> list[Path]:
     """One saliency PNG per photograph of ``demo_photos()`` in ``out_dir``, with an untrained
-    ``esh_vision_nano`` (the title says so) unless a model or checkpoint is given."""
+    ``esh_vision_tiny`` (the title says so) unless a model or checkpoint is given."""
     photos = demo_photos()
     if model_name is None and checkpoint_path is None:
         model_name = DEMO_MODEL
