@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.set_defaults(func=_cmd_align)
 
     saliency = sub.add_parser("saliency", help="α-saliency heatmaps: where an ESH model routes patches to attention")
-    saliency.add_argument("--model", help="an ESH vision model (default: the checkpoint's; esh_vision_nano for --demo)")
+    saliency.add_argument("--model", help="an ESH vision model (default: the checkpoint's; esh_vision_tiny for --demo)")
     saliency.add_argument("--checkpoint", help="weights (esh train's best.pth/last.pth); without: untrained weights")
     saliency.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
     saliency.add_argument("--image", help="an image file (RGB or grey)")
