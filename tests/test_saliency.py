@@ -246,6 +246,18 @@ def test_cli_demo_on_the_photographs_of_scikit_image(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
 
 
+def test_demo_draws_the_same_untrained_model_every_time(photo, tmp_path, monkeypatch):
+    from esh.viz import saliency
+
+    monkeypatch.setattr(saliency, "demo_photos", lambda: {"digits": photo})
+    state = torch.get_rng_state()
+    first = saliency.demo(tmp_path / "a", MODEL)
+    second = saliency.demo(tmp_path / "b", MODEL)
+    assert [p.name for p in first] == [p.name for p in second] == ["saliency_digits.png"]
+    assert first[0].read_bytes() == second[0].read_bytes()
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+
+
 def _one_line_error(capsys, argv, *fragments):
     assert main(argv) == 2
     captured = capsys.readouterr()

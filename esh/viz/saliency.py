@@ -387,7 +387,9 @@ def demo(
     photos = demo_photos()
     if model_name is None and checkpoint_path is None:
         model_name = DEMO_MODEL
-    model, info = load_saliency_model(model_name, checkpoint_path, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # untrained weights: the same pictures every time
+        model, info = load_saliency_model(model_name, checkpoint_path, device=device)
     out_dir = Path(out_dir)
     return [
         save_saliency(model, info, photo, out_dir / f"saliency_{name}.png", per_block=per_block, img_size=img_size)
