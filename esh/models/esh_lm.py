@@ -333,8 +333,16 @@ class ESHBlock(nn.Module):
         return x, alpha, aux
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> Tensor:
-    """Next token ids (batch,) from last-position logits (batch, vocab)."""
+def sample_next_token(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(batch, vocab) last-position logits -> (batch,) ids: greedy at temperature 0, otherwise
+    sampled from the tempered softmax restricted to the ``top_k`` most likely ids and to the
+    smallest set whose probability reaches ``top_p`` (nucleus). Shared by every esh LM."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -349,6 +357,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy predicting labels[:, 1:] from positions [:-1] (Hugging Face's shift),
+    ``-100`` ignored, in float32. Shared by every esh LM."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p) -> None:
@@ -384,12 +400,7 @@ class _CausalLMMixin:
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
 
-    @staticmethod
-    def _next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-        """Predict labels[:, 1:] from positions [:-1] (Hugging Face's shift), ignoring -100."""
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+    _next_token_loss = staticmethod(next_token_loss)
 
     @torch.no_grad()
     def generate(
@@ -422,7 +433,7 @@ class _CausalLMMixin:
             logits = self(seq, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits[:, -1]
             finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
             for i in range(max_new_tokens):
-                token = _sample(logits, temperature, top_k, top_p, generator)
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                     finished |= token == eos_token_id

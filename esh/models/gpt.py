@@ -14,13 +14,15 @@ headline count (it is reported as embedding, like the tied token table).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "GPTConfig", "LMOutput", "sample_next_token"]
+from esh.models.esh_lm import ESHOutput, next_token_loss, sample_next_token
+
+__all__ = ["GPT", "GPTConfig"]
 
 
 @dataclass
@@ -32,57 +34,6 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
-
-
-@dataclass
-class LMOutput:
-    """What a causal LM of esh returns. ``loss`` is the objective (cross-entropy plus weighted
-    auxiliary losses, None without labels), ``ce_loss`` the cross-entropy alone."""
-
-    logits: Tensor
-    loss: Tensor | None = None
-    ce_loss: Tensor | None = None
-    aux_loss: Tensor | None = None
-    alphas: list[Tensor] = field(default_factory=list)
-    moe_stats: dict[str, float] = field(default_factory=dict)
-
-
-def shifted_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of position t's logits against label t+1 (``-100`` ignored), in float32."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="mean"
-    )
-
-
-def sample_next_token(
-    logits: Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """(batch, vocab) logits -> (batch,) ids: greedy at temperature 0, otherwise sampled from the
-    tempered softmax restricted to the ``top_k`` most likely ids and to the smallest set whose
-    probability reaches ``top_p`` (nucleus)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0; got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1]; got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1; got {top_k}")
-    logits = logits.float()
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep ids until the mass before them reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -172,7 +123,7 @@ class GPT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> LMOutput:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ESHOutput:
         if input_ids.shape[1] > self.config.block_size:
             raise ValueError(
                 f"GPT: input of {input_ids.shape[1]} tokens is longer than block_size {self.config.block_size}"
@@ -184,9 +135,9 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        out = LMOutput(logits=logits, aux_loss=logits.new_zeros((), dtype=torch.float32))
+        out = ESHOutput(loss=None, logits=logits, aux_loss=logits.new_zeros((), dtype=torch.float32))
         if labels is not None:
-            out.ce_loss = out.loss = shifted_cross_entropy(logits, labels)
+            out.ce_loss = out.loss = next_token_loss(logits, labels)
         return out
 
     def _embed(self, input_ids: Tensor, pos: int) -> Tensor:
