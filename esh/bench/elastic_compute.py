@@ -12,6 +12,7 @@ on attention, mean ponder cost) are printed beside the speed.
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,11 +61,12 @@ def run(
     kind: str = "noise",
     threads: int | None = 2,
     repeats: int = 3,
-    max_seconds: float = 30.0,
+    max_seconds: float = 60.0,
     print_fn: Callable[[str], None] = print,
 ) -> list[Row]:
     """Time soft routing, hard routing at the router's own threshold (0.5) and hard routing at
-    each forced attention fraction; print a markdown table with ratios to soft."""
+    each forced attention fraction, one forward of each mode per round for ``repeats`` rounds
+    (median per mode); print a markdown table with ratios to soft."""
     from esh.models import create_model
 
     if threads:
@@ -74,17 +76,27 @@ def run(
     x = images(kind, batch, size)
     modes: list[tuple[str, dict]] = [("soft", dict(mode="soft")), ("hard, α > 0.5", dict(mode="hard"))]
     modes += [(f"hard, {100 * f:g}% attention", dict(mode="hard", attention_fraction=f)) for f in fractions]
-    rows = []
-    for label, kw in modes:
-        model.set_routing(**kw)
+    # modes interleaved round by round, so that load from other jobs on a shared machine
+    # falls on all of them alike; each mode's time is its median over the rounds
+    steps, stats = [], []
+    for _, kw in modes:
 
-        def step():
+        def step(kw=kw):
+            model.set_routing(**kw)
             with torch.inference_mode():
                 model(x)
 
-        seconds = time_call(step, repeats=repeats, warmup=1, max_seconds=max_seconds)
-        stats = model.auxiliary_losses(0)
-        rows.append(Row(label, batch / seconds, stats["attn_fraction"], stats["ponder_cost"]))
+        step()  # warm-up, and the routing statistics of this mode
+        steps.append(step)
+        stats.append(model.auxiliary_losses(0))
+    times: list[list[float]] = [[] for _ in modes]
+    for _ in range(max(1, repeats)):
+        for i, step in enumerate(steps):
+            times[i].append(time_call(step, repeats=1, warmup=0, max_seconds=max_seconds))
+    rows = [
+        Row(label, batch / statistics.median(t), st["attn_fraction"], st["ponder_cost"])
+        for (label, _), t, st in zip(modes, times, stats)
+    ]
     model.set_routing("soft")
     soft = rows[0].images_per_s
     lines = [
