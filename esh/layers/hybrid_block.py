@@ -206,6 +206,3 @@ class HybridVisionBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         x, ponder_cost = self._ponder(x, ponder)
         return x, alpha, ponder_cost, routed.float().mean()
-
-
-
