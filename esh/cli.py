@@ -47,8 +47,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from esh.inference import evaluate
 
+    model = _load_model(args)
+    if args.routing is not None:  # ESH models: evaluate the blend, or the hard routing with real savings
+        if not hasattr(model, "set_routing"):
+            raise ValueError(f"--routing needs a model with α routing (esh_vision_*); {args.model} has none")
+        model.set_routing(args.routing, attention_fraction=args.attention_fraction)
+    elif args.attention_fraction is not None:
+        raise ValueError("--attention-fraction goes with --routing hard")
     result = evaluate(
-        _load_model(args),
+        model,
         args.data,
         batch_size=args.batch_size,
         device=args.device,
@@ -407,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--img-size", type=int, help="evaluate at another resolution")
     evaluate.add_argument("--num-classes", type=int, help="for checkpoints with another head")
+    evaluate.add_argument(
+        "--routing", choices=("soft", "hard"), help="ESH models: the trained α blend, or hard per-patch routing"
+    )
+    evaluate.add_argument(
+        "--attention-fraction", type=float, help="with --routing hard: attention for this share of patches per image"
+    )
     evaluate.set_defaults(func=_cmd_eval)
 
     info = sub.add_parser("info", help="parameters and multiply-adds of a model")

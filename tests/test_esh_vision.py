@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -366,3 +367,29 @@ def test_elastic_compute_benchmark_runs_every_mode():
     assert rows[2].attn_fraction == 1.0 and rows[3].attn_fraction == 0.0 and rows[3].ponder_cost == 2.0
     assert all(r.images_per_s > 0 for r in rows)
     assert "| soft |" in lines[0] and "1.00x" in lines[0]
+
+
+def test_cli_eval_with_soft_and_hard_routing(tmp_path, capsys):
+    from esh.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), labels=np.arange(20) % 2)
+    ckpt = tmp_path / "w.pth"
+    torch.save({"state_dict": esh.create_model("esh_vision_nano", num_classes=2).state_dict()}, ckpt)
+    base = ["eval", "--model", "esh_vision_nano", "--checkpoint", str(ckpt), "--num-classes", "2", "--data", str(data)]
+    for extra in (
+        [],
+        ["--routing", "soft"],
+        ["--routing", "hard"],
+        ["--routing", "hard", "--attention-fraction", "0.25"],
+    ):
+        assert main(base + extra) == 0
+        assert "top-1" in capsys.readouterr().out
+    assert main(base + ["--attention-fraction", "0.5"]) == 2
+    assert "--routing hard" in capsys.readouterr().err
+    assert (
+        main(["eval", "--model", "mambavision_nano", "--num-classes", "2", "--data", str(data), "--routing", "hard"])
+        == 2
+    )
+    assert "α routing" in capsys.readouterr().err
