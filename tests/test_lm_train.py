@@ -171,3 +171,33 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "block_size" in capsys.readouterr().err
     assert main(["lm", "generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "esh_tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_train_the_moe_model(tmp_path, mode):
+    # two CPU processes over gloo: experts that one rank's tokens never chose must not stall
+    # DDP's reduction (FSDP2 shards the blocks), and rank 0 writes the checkpoint
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "hamlet.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    script = tmp_path / "job.py"
+    script.write_text(
+        "from esh.train.lm_job import train_lm\n"
+        f"train_lm(config='tiny', data={str(data)!r}, tokenizer='char', sample_tokens=0, max_steps=3,"
+        f" batch_size=4, block_size=32, eval_iters=1, out_dir={str(out)!r}, distributed={mode!r})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_training_checkpoint(out / "last.pth")["global_step"] == 3

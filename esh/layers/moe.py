@@ -120,10 +120,10 @@ class SwitchMoE(nn.Module):
         n_kept = sum(counts)
         order = order[:n_kept]
         groups = x[order].split(counts)
-        outs = [self.experts[e](g) for e, g in enumerate(groups) if g.shape[0]]
-        y = x.new_zeros(x.shape)
-        if outs:
-            out = torch.cat(outs) * gate[order, None].to(outs[0].dtype)
-            y = y.to(out.dtype).index_add(0, order, out)
+        # every expert runs, an idle one on zero tokens: all parameters stay in the graph (zero
+        # gradients), so DDP and FSDP see the same gradients on every rank
+        outs = [self.experts[e](g) for e, g in enumerate(groups)]
+        out = torch.cat(outs) * gate[order, None].to(outs[0].dtype)
+        y = x.new_zeros(x.shape, dtype=out.dtype).index_add(0, order, out)
         aux = MoEAux(load_balance, z_loss, dropped, expert_fraction)
         return y.reshape(shape[:-1] + (y.shape[-1],)), aux

@@ -220,6 +220,7 @@ class Trainer:
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
+        # (idle MoE experts still run, on zero tokens, so every parameter gets a gradient)
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _total_steps(self) -> int:
@@ -363,7 +364,7 @@ class Trainer:
         # a loader's iterator draws a seed from the global RNG: keep training's random stream as
         # it is, so that evaluating (or not) never changes what training does
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             for i, batch in enumerate(loader):
                 if self.config.eval_iters is not None and i >= self.config.eval_iters:
                     break
@@ -480,6 +481,10 @@ class Trainer:
                 evaluate = self.eval_loader is not None and (
                     at_end or (cfg.eval_interval and self.step % cfg.eval_interval == 0)
                 )
+                # under FSDP every forward gathers shards from all ranks: all of them evaluate
+                fsdp = self.world > 1 and cfg.distributed == "fsdp"
+                if evaluate and fsdp and not self.lead:
+                    self.evaluate()
                 if evaluate and self.lead:
                     last_eval = self.evaluate()
                     entry = {
