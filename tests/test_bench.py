@@ -43,5 +43,22 @@ def test_long_sequence_table_rebuilds_models_for_the_size():
 
     lines = []
     rows = long_sequence(sizes=(64,), repeats=1, print_fn=lines.append)
-    assert [(r[0], r[1], r[2]) for r in rows] == [("vim_tiny", 64, 17), ("deit_tiny_patch16_224", 64, 17)]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("vim_tiny", 64, 17),
+        ("deit_tiny_patch16_224", 64, 17),
+        ("deit_tiny_patch16_224+eager", 64, 17),
+    ]
     assert all(r[3] > 0 for r in rows) and "peak MiB" in lines[0]
+
+
+def test_eager_deit_writes_attention_out_and_agrees_with_the_fused_one():
+    from esh.bench.vision_throughput import build
+
+    torch.manual_seed(0)
+    fused = build("deit_tiny_patch16_224", 64)
+    eager = build("deit_tiny_patch16_224+eager", 64)
+    eager.load_state_dict(fused.state_dict())
+    attn = [m for m in eager.modules() if hasattr(m, "fused_attn")]
+    assert attn and not any(m.fused_attn for m in attn)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(eager(x), fused(x), rtol=1e-4, atol=1e-5)

@@ -19,7 +19,10 @@ from esh.info import count_model
 
 ESH_MODELS = ("mambavision_t", "mambavision_s", "vim_tiny", "esh_vision_tiny")
 TIMM_MODELS = ("convnext_tiny", "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "deit_small_patch16_224")
-LONG_MODELS = ("vim_tiny", "deit_tiny_patch16_224")
+# "+eager": timm's attention written out (the n x n matrix materialised), as in Vim's paper,
+# beside the default fused scaled_dot_product_attention (a flash-style kernel on CPU too)
+LONG_MODELS = ("vim_tiny", "deit_tiny_patch16_224", "deit_tiny_patch16_224+eager")
+EAGER = "+eager"
 MODES = ("fp32", "channels_last", "bf16")
 
 
@@ -30,7 +33,12 @@ def build(name: str, img_size: int | None = None) -> torch.nn.Module:
     kwargs = {} if img_size is None else {"img_size": img_size}
     if is_model(name):
         return create_model(name, **kwargs).eval()
-    return import_timm().create_model(name, pretrained=False, **kwargs).eval()
+    eager = name.endswith(EAGER)
+    model = import_timm().create_model(name.removesuffix(EAGER), pretrained=False, **kwargs).eval()
+    for m in model.modules():
+        if eager and hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
 
 
 def long_sequence(

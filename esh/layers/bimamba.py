@@ -65,15 +65,18 @@ class BiMambaMixer(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2d, L)
-        x, z = xz[:, :d], xz[:, d:]
         # channels [forward | backward]: the backward direction reads the sequence reversed
+        x, z = xz[:, :d], xz[:, d:]
+        x, z = torch.cat([x, x.flip(-1)], 1), torch.cat([z, z.flip(-1)], 1)
+        del xz  # (long sequences: peak memory is a handful of these (batch, 2d, L) tensors)
         u = F.conv1d(
-            torch.cat([x, x.flip(-1)], 1),
+            x,
             torch.cat([self.conv1d.weight, self.conv1d_b.weight], 0),
             torch.cat([self.conv1d.bias, self.conv1d_b.bias], 0),
             padding=self.d_conv - 1,
             groups=2 * d,
         )[..., :seqlen]
+        del x
         u = F.silu(u)
         x_dbl = torch.matmul(  # (2, r + 2n, d) @ (batch, 2, d, L) -> (batch, 2, r + 2n, L)
             torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u.view(batch, 2, d, seqlen)
@@ -87,7 +90,7 @@ class BiMambaMixer(nn.Module):
             B,
             C,
             torch.cat([self.D, self.D_b], 0).float(),
-            z=torch.cat([z, z.flip(-1)], 1),
+            z=z,
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         )
