@@ -51,9 +51,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.routing is not None:  # ESH models: evaluate the blend, or the hard routing with real savings
         if not hasattr(model, "set_routing"):
             raise ValueError(f"--routing needs a model with α routing (esh_vision_*); {args.model} has none")
-        model.set_routing(args.routing, attention_fraction=args.attention_fraction)
-    elif args.attention_fraction is not None:
-        raise ValueError("--attention-fraction goes with --routing hard")
+        model.set_routing(args.routing, attention_fraction=args.attention_fraction, exclusive=args.exclusive)
+    elif args.attention_fraction is not None or args.exclusive:
+        raise ValueError("--attention-fraction and --exclusive go with --routing hard")
     result = evaluate(
         model,
         args.data,
@@ -419,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--attention-fraction", type=float, help="with --routing hard: attention for this share of patches per image"
+    )
+    evaluate.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="with --routing hard: one path per patch (the SSM scans only the patches not sent to attention)",
     )
     evaluate.set_defaults(func=_cmd_eval)
 

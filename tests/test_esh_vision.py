@@ -184,11 +184,11 @@ def test_hard_equals_soft_when_alpha_is_forced(alpha):
     assert torch.allclose(soft["ponder_cost"], hard["ponder_cost"])
 
 
-def test_block_hard_mixed_selection_uses_each_path_once():
+def test_block_exclusive_hard_selection_uses_each_path_once():
     torch.manual_seed(1)
     blk = HybridVisionBlock(8, num_heads=2, window_size=3, max_ponder_steps=0, layer_scale_init_value=1.0).eval()
     x, entropy = torch.randn(2, 5, 6, 8), torch.rand(2, 5, 6)
-    blk.set_routing("hard", threshold=0.5)
+    blk.set_routing("hard", threshold=0.5, exclusive=True)
     with torch.no_grad():
         out, alpha, _, frac = blk(x, entropy)
         sel = alpha > 0.5
@@ -203,6 +203,33 @@ def test_block_hard_mixed_selection_uses_each_path_once():
         ref = x + y.view_as(x)
         ref = ref + blk.mlp(blk.norm2(ref))
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_block_hard_selection_keeps_the_blend_on_selected_patches_and_the_full_scan():
+    torch.manual_seed(1)
+    blk = HybridVisionBlock(8, num_heads=2, window_size=3, max_ponder_steps=0, layer_scale_init_value=1.0).eval()
+    x, entropy = torch.randn(2, 5, 6, 8), torch.rand(2, 5, 6)
+    blk.set_routing("hard", threshold=0.5)
+    with torch.no_grad():
+        out, alpha, _, frac = blk(x, entropy)
+        sel = (alpha > 0.5).flatten()
+        assert 0 < frac < 1
+        h = blk.norm1(x)
+        s = blk.ssm(h.reshape(2, 30, 8)).reshape(-1, 8)  # the scan over every patch
+        attn = blk.attn.forward_tokens(h.reshape(-1, 8)[sel], sel.nonzero().squeeze(1), (2, 5, 6))
+        a = alpha.flatten()[sel].unsqueeze(-1)
+        y = s.clone()
+        y[sel] = a * attn + (1 - a) * s[sel]
+        ref = x + y.view_as(x)
+        ref = ref + blk.mlp(blk.norm2(ref))
+    assert torch.allclose(out, ref, atol=1e-5)
+    # all patches selected: exactly the soft blend
+    blk.set_routing("hard", attention_fraction=1.0)
+    with torch.no_grad():
+        hard = blk(x, entropy)[0]
+        blk.set_routing("soft")
+        soft = blk(x, entropy)[0]
+    assert torch.allclose(hard, soft, atol=1e-5)
 
 
 def test_hard_budget_routes_the_requested_share():
@@ -363,7 +390,13 @@ def test_elastic_compute_benchmark_runs_every_mode():
     rows = run(
         "esh_vision_nano", batch=1, size=32, fractions=(1.0, 0.0), threads=None, repeats=1, print_fn=lines.append
     )
-    assert [r.mode for r in rows] == ["soft", "hard, α > 0.5", "hard, 100% attention", "hard, 0% attention"]
+    assert [r.mode for r in rows] == [
+        "soft",
+        "hard, α > 0.5",
+        "hard, 100% attention",
+        "hard, 0% attention",
+        "hard exclusive, 25% attention",
+    ]
     assert rows[2].attn_fraction == 1.0 and rows[3].attn_fraction == 0.0 and rows[3].ponder_cost == 2.0
     assert all(r.images_per_s > 0 for r in rows)
     assert "| soft |" in lines[0] and "1.00x" in lines[0]

@@ -63,6 +63,7 @@ def run(
     repeats: int = 3,
     max_seconds: float = 60.0,
     print_fn: Callable[[str], None] = print,
+    exclusive_fraction: float | None = 0.25,
 ) -> list[Row]:
     """Time soft routing, hard routing at the router's own threshold (0.5) and hard routing at
     each forced attention fraction, one forward of each mode per round for ``repeats`` rounds
@@ -76,6 +77,10 @@ def run(
     x = images(kind, batch, size)
     modes: list[tuple[str, dict]] = [("soft", dict(mode="soft")), ("hard, α > 0.5", dict(mode="hard"))]
     modes += [(f"hard, {100 * f:g}% attention", dict(mode="hard", attention_fraction=f)) for f in fractions]
+    if exclusive_fraction is not None:  # one path per patch: the SSM scans only the unselected patches
+        f = exclusive_fraction
+        label = f"hard exclusive, {100 * f:g}% attention"
+        modes.append((label, dict(mode="hard", attention_fraction=f, exclusive=True)))
     # modes interleaved round by round, so that load from other jobs on a shared machine
     # falls on all of them alike; each mode's time is its median over the rounds
     steps, stats = [], []

@@ -5,16 +5,20 @@ Soft routing (training, the default): every patch runs both paths and
 y = α · Attn(LN x) + (1 - α) · VSSM(LN x); x += DropPath(LayerScale(y)); then
 x += DropPath(LayerScale(FFN(LN x))). Patches with α > θ then ponder (``AdaptiveComputationTime``).
 
-Hard routing (``set_routing("hard", ...)``, inference): each patch takes one path, α̂ ∈ {0, 1}:
-the patches above a threshold, or a fixed budget per image (the top-k by α). Work is skipped,
-not masked:
+Hard routing (``set_routing("hard", ...)``, inference) selects the patches that get attention:
+those above a threshold, or a fixed budget per image (the top-k by α). Work is skipped, not
+masked:
 
 * attention runs on the selected patches only, each attending to the selected patches of its
   own window (global where the map fits in one window): ``RelativeMHSA.forward_tokens``;
-* the SSM scans only the other patches, in raster order, forward and reversed: a patch routed
-  to attention is neither an input nor an output of the scan (its SSM output would be
-  discarded, and on CPUs the scan costs per sequence step);
-* pondering runs on the selected patches with α > θ only.
+* pondering runs on the selected patches with α > θ only;
+* the SSM (default, ``exclusive=False``) scans every patch, as in training, so its recurrence
+  sees the sequence it was trained on; a selected patch keeps its trained blend
+  α · Attn + (1 - α) · SSM and the others take the SSM alone (their α · Attn term, small by
+  construction, is the approximation). With ``exclusive=True`` each patch takes exactly one
+  path: the SSM scans only the unselected patches, in raster order, forward and reversed (less
+  work when many patches are selected, but the scan then sees a sequence it never saw in
+  training).
 
 A ponder step re-applies the block's attention branch (among the still-running patches) and
 its FFN, with the block's own weights, as ACT re-applies one transition function; DropPath is
@@ -117,6 +121,7 @@ class HybridVisionBlock(nn.Module):
         self.attention_fraction: float | None = None
         self.threshold = 0.5
         self.force_alpha: float | None = None
+        self.exclusive = False
 
     def set_routing(
         self,
@@ -124,6 +129,7 @@ class HybridVisionBlock(nn.Module):
         attention_fraction: float | None = None,
         threshold: float = 0.5,
         force_alpha: float | None = None,
+        exclusive: bool = False,
     ) -> None:
         """See ``ESHVision.set_routing``."""
         if mode not in ROUTING_MODES:
@@ -136,6 +142,7 @@ class HybridVisionBlock(nn.Module):
             raise ValueError(f"force_alpha must be in [0, 1] or None; got {force_alpha}")
         self.routing, self.attention_fraction, self.threshold = mode, attention_fraction, float(threshold)
         self.force_alpha = None if force_alpha is None else float(force_alpha)
+        self.exclusive = bool(exclusive)
 
     # --- the two ways of mixing tokens -----------------------------------------------------
     def _mix_soft(self, h: Tensor, alpha: Tensor) -> Tensor:
@@ -145,7 +152,20 @@ class HybridVisionBlock(nn.Module):
         alpha = alpha.unsqueeze(-1).to(h.dtype)
         return alpha * a + (1 - alpha) * s
 
-    def _mix_hard(self, h: Tensor, selected: Tensor) -> Tensor:
+    def _mix_hard(self, h: Tensor, selected: Tensor, alpha: Tensor) -> Tensor:
+        if self.exclusive:
+            return self._mix_exclusive(h, selected)
+        B, H, W, C = h.shape
+        s = self.ssm(h.reshape(B, H * W, C)).reshape(B * H * W, C)
+        sel = selected.flatten()
+        if not bool(sel.any()):
+            return s.view(B, H, W, C)
+        index = sel.nonzero().squeeze(1)
+        a = self.attn.forward_tokens(h.reshape(B * H * W, C)[index], index, (B, H, W))
+        w = alpha.reshape(-1)[index].unsqueeze(-1).to(h.dtype)
+        return s.index_copy(0, index, w * a + (1 - w) * s[index]).view(B, H, W, C)
+
+    def _mix_exclusive(self, h: Tensor, selected: Tensor) -> Tensor:
         B, H, W, C = h.shape
         flat = h.reshape(B * H * W, C)
         sel = selected.flatten()
@@ -200,7 +220,7 @@ class HybridVisionBlock(nn.Module):
             ponder = alpha > self.ponder_threshold
         else:
             routed = select_tokens(alpha.detach(), self.attention_fraction, self.threshold)
-            y = self._mix_hard(h, routed)
+            y = self._mix_hard(h, routed, alpha)
             ponder = routed & (alpha > self.ponder_threshold)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -244,20 +244,24 @@ class ESHVision(nn.Module):
         attention_fraction: float | None = None,
         threshold: float = 0.5,
         force_alpha: float | None = None,
+        exclusive: bool = False,
     ) -> ESHVision:
         """Choose how patches are routed, in every block.
 
         * ``"soft"`` (default, training): both paths on every patch, blended by α.
-        * ``"hard"``: each patch takes one path and only that work is done. Attention (and
-          pondering) for the patches with α > ``threshold``, or, with ``attention_fraction``,
-          for the top ``round(fraction · H · W)`` patches of each image by α (a fixed budget);
-          the SSM scans the rest. See ``esh.layers.hybrid_block`` for what runs where.
+        * ``"hard"``: attention (and pondering) only for the selected patches, those with
+          α > ``threshold`` or, with ``attention_fraction``, the top ``round(fraction · H · W)``
+          patches of each image by α (a fixed budget); no attention work for the others. The
+          SSM still scans every patch (the sequence it was trained on); a selected patch keeps
+          its blend α · Attn + (1 - α) · SSM, the others take the SSM alone.
+          ``exclusive=True`` gives each patch exactly one path instead (the SSM scans only the
+          unselected patches). See ``esh.layers.hybrid_block`` for what runs where.
 
         ``force_alpha`` replaces the router's output by a constant (ablations: 0.0 = SSM only,
         1.0 = attention only). Returns the model.
         """
         for blk in self.blocks():
-            blk.set_routing(mode, attention_fraction, threshold, force_alpha)
+            blk.set_routing(mode, attention_fraction, threshold, force_alpha, exclusive)
         return self
 
     @property
