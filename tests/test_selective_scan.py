@@ -242,3 +242,68 @@ def test_layout_transpose_both_paths(shape):
     x = torch.randn(*shape)
     out = chunked._swap_last2(x)
     assert out.is_contiguous() and torch.equal(out, x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("with_z,with_bias", [(True, True), (False, False)])
+def test_sequence_major_inputs_need_no_transpose_and_give_the_same_values_and_gradients(with_z, with_bias):
+    # (batch, dim, L) views of contiguous (batch, L, dim) tensors, as models with (batch, L, C)
+    # activations pass them: the output comes back in that layout, values and all eight
+    # gradients equal those of the same inputs stored channel-major
+    g = torch.Generator().manual_seed(5)
+    b, d, L, n = 2, 12, 37, 4
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    u, dl, z, Bs, Cs = rnd(b, L, d), 0.5 * rnd(b, L, d), rnd(b, L, d), rnd(b, L, 2, n), rnd(b, L, 2, n)
+    A, D, bias = -torch.rand(d, n, generator=g, dtype=torch.float64) - 0.1, rnd(d), 0.1 * rnd(d)
+    w = torch.sin(torch.arange(b * d * L, dtype=torch.float64)).view(b, d, L)
+
+    def run(seq_major: bool):
+        leaves = [t.clone().requires_grad_() for t in (u, dl, z, Bs, Cs, A, D, bias)]
+        uu, dd, zz, BB, CC, AA, DD, bb = leaves
+        lay = (lambda t: t) if seq_major else (lambda t: t.contiguous())
+        out, last = selective_scan_chunked(
+            lay(uu.transpose(1, 2)),
+            lay(dd.transpose(1, 2)),
+            AA,
+            lay(BB.permute(0, 2, 3, 1)),
+            lay(CC.permute(0, 2, 3, 1)),
+            DD,
+            z=lay(zz.transpose(1, 2)) if with_z else None,
+            delta_bias=bb if with_bias else None,
+            delta_softplus=True,
+            return_last_state=True,
+        )
+        used = [t for t, keep in zip(leaves, (1, 1, with_z, 1, 1, 1, 1, with_bias)) if keep]
+        return out, last, torch.autograd.grad((out * w).sum() + last.sum(), used)
+
+    out, last, grads = run(True)
+    ref_out, ref_last, ref_grads = run(False)
+    assert out.transpose(1, 2).is_contiguous()  # sequence-major in, sequence-major out
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, ref_last, rtol=1e-12, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    expected = selective_scan_reference(
+        u.transpose(1, 2),
+        dl.transpose(1, 2),
+        A,
+        Bs.permute(0, 2, 3, 1),
+        Cs.permute(0, 2, 3, 1),
+        D,
+        z=z.transpose(1, 2) if with_z else None,
+        delta_bias=bias if with_bias else None,
+        delta_softplus=True,
+    )
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_layouts_give_the_same_result():
+    # u channel-major with delta sequence-major (and the reverse): no buffer may alias another
+    x = scan_inputs(2, 6, 29, 4, B_mode="variable", C_mode="variable", dtype=torch.float64, seed=3)
+    ref = selective_scan_chunked(**x, delta_softplus=True)
+    for name in ("delta", "u"):
+        y = dict(x)
+        y[name] = x[name].transpose(1, 2).contiguous().transpose(1, 2)
+        torch.testing.assert_close(selective_scan_chunked(**y, delta_softplus=True), ref, rtol=1e-12, atol=1e-12)

@@ -57,44 +57,45 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model).
 
-        Everything between ``in_proj`` and ``out_proj`` runs channel-major, (batch, channels, L),
-        the layout the scan takes: the projections are matrix products with the weight on the
-        left, so no activation is ever transposed, and the two directions share one conv, one
-        batched ``x_proj``, one batched ``dt_proj`` and one scan.
+        Everything runs sequence-major, (batch, L, channels), the layout ``in_proj`` produces
+        and ``out_proj`` consumes; the scan takes these tensors as (batch, channels, L) views and
+        works on them without a transpose. The two directions are one set of channels
+        [forward | backward] (the backward half reads the sequence reversed): one scan. The gate
+        silu(z) multiplies both directions alike, so it is applied once, after the backward
+        output is flipped back and added: (y_f + flip(y_b)) * silu(z), the same value as gating
+        each direction inside the scan.
         """
         batch, seqlen, _ = hidden_states.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2d, L)
-        # channels [forward | backward]: the backward direction reads the sequence reversed
-        x, z = xz[:, :d], xz[:, d:]
-        x, z = torch.cat([x, x.flip(-1)], 1), torch.cat([z, z.flip(-1)], 1)
-        del xz  # (long sequences: peak memory is a handful of these (batch, 2d, L) tensors)
-        u = F.conv1d(
-            x,
-            torch.cat([self.conv1d.weight, self.conv1d_b.weight], 0),
-            torch.cat([self.conv1d.bias, self.conv1d_b.bias], 0),
-            padding=self.d_conv - 1,
-            groups=2 * d,
-        )[..., :seqlen]
-        del x
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d) each
+        u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(x.flip(1), self.conv1d_b)], -1)
+        del x  # (long sequences: peak memory is a handful of (batch, L, 2d) tensors)
         u = F.silu(u)
-        x_dbl = torch.matmul(  # (2, r + 2n, d) @ (batch, 2, d, L) -> (batch, 2, r + 2n, L)
-            torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u.view(batch, 2, d, seqlen)
-        )
-        dt, B, C = torch.split(x_dbl, [r, n, n], dim=2)
-        delta = torch.matmul(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]), dt)  # bias: in the scan
-        y = selective_scan(
-            u,
-            delta.view(batch, 2 * d, seqlen),
+        x_dbl = torch.stack([self.x_proj(u[..., :d]), self.x_proj_b(u[..., d:])], 2)  # (batch, L, 2, r + 2n)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        delta = torch.cat([dt[:, :, 0] @ self.dt_proj.weight.t(), dt[:, :, 1] @ self.dt_proj_b.weight.t()], -1)
+        y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors
+            u.transpose(1, 2),
+            delta.transpose(1, 2),  # dt_proj's bias goes to the scan
             -torch.exp(torch.cat([self.A_log, self.A_b_log], 0).float()),
-            B,
-            C,
+            B.permute(0, 2, 3, 1),
+            C.permute(0, 2, 3, 1),
             torch.cat([self.D, self.D_b], 0).float(),
-            z=z,
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
-        )
-        y = y[:, :d] + y[:, d:].flip(-1)
+        ).transpose(1, 2)
+        y = (y[..., :d] + y[..., d:].flip(1)).mul_(F.silu(z))
         if self.divide_out:
-            y = y / 2
-        return torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())
+            y = y.div_(2)
+        return self.out_proj(y)
+
+
+def _causal_conv(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """Depthwise causal conv of (batch, L, d) in that layout: out[t] = bias + sum_j w[K-1-j] x[t-j],
+    as K shifted multiply-adds (no transpose to conv1d's layout, no padded copy)."""
+    w = conv.weight[:, 0]  # (d, K)
+    k = w.shape[1]
+    out = torch.addcmul(conv.bias, x, w[:, k - 1])
+    for j in range(1, min(k, x.shape[1])):
+        out[:, j:].addcmul_(x[:, :-j], w[:, k - 1 - j])
+    return out

@@ -18,6 +18,12 @@ How it stays exact and fast without compiling anything:
 
 Peak memory is therefore O(batch * dim * (L + chunk * N)) instead of the loop's
 O(batch * dim * L * N).
+
+* **Either memory layout.** The chunks work sequence-major. Inputs stored sequence-major
+  (``u`` a (batch, dim, L) view of a contiguous (batch, L, dim) tensor, as a model whose
+  activations are (batch, L, channels) naturally has) are used without any transpose, and the
+  output and the input gradients come back in that same layout; channel-major inputs are
+  transposed once on the way in and the output once on the way out.
 """
 
 from __future__ import annotations
@@ -100,6 +106,12 @@ class _BC:
         return grad.squeeze(1) if self.orig_dim == 3 else grad
 
 
+def is_seq_major(x: Tensor) -> bool:
+    """A (batch, dim, L) tensor stored as a contiguous (batch, L, dim) one (and not also
+    channel-major, as happens when dim or L is 1)."""
+    return x.dim() == 3 and x.transpose(1, 2).is_contiguous() and not x.is_contiguous()
+
+
 def _groups(B: Tensor, C: Tensor) -> int:
     g = [t.shape[1] for t in (B, C) if t.dim() == 4]
     return math.lcm(*g) if g else 1
@@ -145,8 +157,11 @@ def release_workspace() -> None:
 
 
 def _swap_last2(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """Contiguous transpose of the last two axes of a 3-D tensor. Large matrices go one
-    2-D transpose at a time, which PyTorch blocks for the cache; small ones in one copy."""
+    """Contiguous transpose of the last two axes of a 3-D tensor: a free view when ``x`` is
+    stored the other way round already. Large matrices go one 2-D transpose at a time, which
+    PyTorch blocks for the cache; small ones in one copy."""
+    if out is None and is_seq_major(x):
+        return x.transpose(1, 2)
     if out is None:
         out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
     if x.shape[1] * x.shape[2] < (1 << 20):  # measured: one strided copy wins below ~1M per matrix
@@ -170,6 +185,8 @@ class _Prepared:
         ``scratch`` a (batch, dim, L) tensor to compute dt * u in."""
         self.cdtype = cdtype = dt.dtype
         self.batch, self.dim, self.seqlen = u.shape
+        # sequence-major inputs: results go back sequence-major too, as free views
+        self.seq_major = is_seq_major(u)
         self.dstate = A.shape[1]
         self.groups = g = _groups(B, C)
         self.dt = dt
@@ -203,8 +220,12 @@ class _Prepared:
         return _swap_last2(x.to(self.cdtype)).view(self.batch, self.seqlen, g, self.dim // g)
 
     def to_channel_major(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """(batch, L, G, dim/G) -> contiguous (batch, dim, L)."""
-        return _swap_last2(x.reshape(self.batch, self.seqlen, self.dim), out)
+        """(batch, L, G, dim/G) -> (batch, dim, L): contiguous, or, for sequence-major inputs,
+        a view of x's own memory."""
+        x = x.reshape(self.batch, self.seqlen, self.dim)
+        if out is None and self.seq_major:
+            return x.transpose(1, 2)
+        return _swap_last2(x, out)
 
     def state_to_input_layout(self, state: Tensor) -> Tensor:
         """(batch, G, N, dim/G) -> (batch, dim, N)."""
@@ -297,7 +318,9 @@ class SelectiveScanChunked(torch.autograd.Function):
         cdtype = compute_dtype(u.dtype)
         dt = _effective_delta(delta, delta_bias, delta_softplus, cdtype)
         y = torch.empty_like(dt)  # scratch for dt * u first, then the output
-        p = _Prepared(u, A, B, C, dt, scratch=y)
+        # (if y is stored sequence-major, dt * u computed in it would be used in place as its
+        # sequence-major form and then overwritten by the output: not in y, then)
+        p = _Prepared(u, A, B, C, dt, scratch=None if is_seq_major(y) else y)
         chunk = chunk or default_chunk_size(p.batch, p.dim, p.dstate, p.seqlen, p.dt_s.element_size())
         needs_grad = any(ctx.needs_input_grad[:8])
         y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y)
