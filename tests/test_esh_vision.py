@@ -426,3 +426,16 @@ def test_cli_eval_with_soft_and_hard_routing(tmp_path, capsys):
         == 2
     )
     assert "α routing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("routing", [{"mode": "soft"}, {"mode": "hard", "attention_fraction": 0.25}])
+def test_bfloat16_autocast_runs_soft_and_hard_routing(routing):
+    torch.manual_seed(0)
+    model = esh.create_model("esh_vision_nano").eval().set_routing(**routing)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

@@ -118,8 +118,9 @@ class RelativeMHSA(nn.Module):
         packed_window = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
         slot = torch.arange(M, device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
 
-        qkv = x.new_zeros(n, K, 3 * C)
-        qkv[packed_window, slot] = self.qkv(x[order])
+        projected = self.qkv(x[order])  # (autocast may make it half precision)
+        qkv = projected.new_zeros(n, K, 3 * C)
+        qkv[packed_window, slot] = projected
         packed_pos = torch.zeros(n, K, dtype=torch.long, device=x.device)
         packed_pos[packed_window, slot] = pos
         valid = torch.zeros(n, K, dtype=torch.bool, device=x.device)
