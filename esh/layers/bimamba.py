@@ -69,7 +69,8 @@ class BiMambaMixer(nn.Module):
         d, n, r = self.d_inner, self.d_state, self.dt_rank
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d) each
         u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(x.flip(1), self.conv1d_b)], -1)
-        del x  # (long sequences: peak memory is a handful of (batch, L, 2d) tensors)
+        gate = F.silu(z)
+        del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
         u = F.silu(u)
         x_dbl = torch.stack([self.x_proj(u[..., :d]), self.x_proj_b(u[..., d:])], 2)  # (batch, L, 2, r + 2n)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
@@ -84,7 +85,7 @@ class BiMambaMixer(nn.Module):
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         ).transpose(1, 2)
-        y = (y[..., :d] + y[..., d:].flip(1)).mul_(F.silu(z))
+        y = (y[..., :d] + y[..., d:].flip(1)).mul_(gate)
         if self.divide_out:
             y = y.div_(2)
         return self.out_proj(y)
