@@ -155,14 +155,17 @@ def cknna(
     item = torch.arange(n).unsqueeze(1).expand(n, k)
 
     def masked(X: Tensor, Y: Tensor, nx: Tensor, ny: Tensor) -> float:
+        # kernel values at each item's k neighbours in X, kept where they are neighbours in Y
+        # too; in row blocks, so at most (block, k, d) features are gathered at once
         keep = torch.zeros(n, k, dtype=torch.bool)
+        kv, lv = torch.empty(n, k, dtype=torch.float64), torch.empty(n, k, dtype=torch.float64)
         for start in range(0, n, block_size):
-            a, b = nx[start : start + block_size], ny[start : start + block_size]
-            keep[start : start + block_size] = (a[:, :, None] == b[:, None, :]).any(-1)
-        rows, cols = item[keep], nx[keep]
-        kv = (X[rows] * X[cols]).sum(1)
-        lv = (Y[rows] * Y[cols]).sum(1)
-        return _hsic_unbiased_sparse(rows, cols, kv, lv, n)
+            stop = min(n, start + block_size)
+            a, b = nx[start:stop], ny[start:stop]
+            keep[start:stop] = (a[:, :, None] == b[:, None, :]).any(-1)
+            kv[start:stop] = torch.einsum("id,ijd->ij", X[start:stop], X[a])
+            lv[start:stop] = torch.einsum("id,ijd->ij", Y[start:stop], Y[a])
+        return _hsic_unbiased_sparse(item[keep], nx[keep], kv[keep], lv[keep], n)
 
     kl = masked(An, Bn, na, nb)
     kk = masked(An, An, na, na)
