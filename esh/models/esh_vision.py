@@ -29,6 +29,7 @@ from esh.layers.hybrid_block import HybridVisionBlock
 from esh.layers.mamba_init import init_dt_proj
 from esh.layers.vssm import BidirectionalVSSM
 from esh.models._checkpoint import download_weights, extract_state_dict, load_into, read_checkpoint, strip_prefix
+from esh.models._inputs import check_image_batch
 from esh.models.registry import register_model
 
 _timm = import_timm()
@@ -297,18 +298,7 @@ class ESHVision(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"ESH-Vision expects images (batch, {self.in_chans}, height, width); got {shape}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"ESH-Vision expects {self.in_chans} input channels, got {x.shape[1]} (input {tuple(x.shape)}); "
-                f"expand grey images to {self.in_chans} channels or build the model with in_chans={x.shape[1]}"
-            )
-        if x.shape[0] == 0 or min(x.shape[2:]) < 1:
-            raise ValueError(f"ESH-Vision needs a non-empty batch and height, width >= 1; got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"ESH-Vision expects floating-point images; got {x.dtype}")
+        check_image_batch(x, self.in_chans, "ESH-Vision", floating=True)
 
     def _run(self, x: Tensor, stop_after: int | None = None):
         """Stem and stages; yields (stage index, NHWC map) and records the routing statistics."""

@@ -28,6 +28,7 @@ from esh.models._checkpoint import (
     read_checkpoint,
     strip_prefix,
 )
+from esh.models._inputs import check_image_batch
 from esh.models.registry import register_variants
 
 _timm = import_timm()
@@ -311,16 +312,7 @@ class MambaVision(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MambaVision expects images (batch, {self.in_chans}, height, width); got {shape}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"MambaVision expects {self.in_chans} input channels, got {x.shape[1]} (input {tuple(x.shape)}); "
-                f"expand grey images to {self.in_chans} channels or build the model with in_chans={x.shape[1]}"
-            )
-        if x.shape[0] == 0 or min(x.shape[2:]) < 1:
-            raise ValueError(f"MambaVision needs a non-empty batch and height, width >= 1; got {tuple(x.shape)}")
+        check_image_batch(x, self.in_chans, "MambaVision")
 
     def forward_intermediates(
         self,
