@@ -62,3 +62,12 @@ def test_eager_deit_writes_attention_out_and_agrees_with_the_fused_one():
     assert attn and not any(m.fused_attn for m in attn)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(eager(x), fused(x), rtol=1e-4, atol=1e-5)
+
+
+def test_alignment_benchmark_runs_each_metric_in_its_own_process(capsys):
+    from esh.bench.alignment import run
+
+    rows = run(n=200, d=16, k=5, metrics=("mknn", "cknna", "cka"), threads=1)
+    assert [r["metric"] for r in rows] == ["mknn", "cknna", "cka"]
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 and 0 <= r["value"] <= 1 for r in rows)
+    assert "| cknna |" in capsys.readouterr().out
