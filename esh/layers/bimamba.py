@@ -54,8 +54,13 @@ class BiMambaMixer(nn.Module):
         self.A_b_log = nn.Parameter(A_log.clone())
         self.D_b = nn.Parameter(torch.ones(d_inner))
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model).
+
+        ``lengths`` (batch,), for padded batches of sequences of different lengths: the number
+        of valid tokens at the start of each sequence. The forward direction is causal, so
+        trailing padding never reaches them; the backward direction reverses each sequence's
+        own first ``lengths[b]`` tokens. Outputs at padded positions are meaningless.
 
         Everything runs sequence-major, (batch, L, channels), the layout ``in_proj`` produces
         and ``out_proj`` consumes; the scan takes these tensors as (batch, channels, L) views and
@@ -67,8 +72,18 @@ class BiMambaMixer(nn.Module):
         """
         batch, seqlen, _ = hidden_states.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
+        if lengths is None:
+
+            def rev(t: Tensor) -> Tensor:
+                return t.flip(1)
+        else:
+            index = reverse_index(lengths, seqlen).unsqueeze(-1)
+
+            def rev(t: Tensor) -> Tensor:
+                return t.gather(1, index.expand_as(t))
+
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d) each
-        u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(x.flip(1), self.conv1d_b)], -1)
+        u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(rev(x), self.conv1d_b)], -1)
         gate = F.silu(z)
         del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
         u = F.silu(u)
@@ -85,10 +100,18 @@ class BiMambaMixer(nn.Module):
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         ).transpose(1, 2)
-        y = (y[..., :d] + y[..., d:].flip(1)).mul_(gate)
+        y = (y[..., :d] + rev(y[..., d:])).mul_(gate)
         if self.divide_out:
             y = y.div_(2)
         return self.out_proj(y)
+
+
+def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
+    """(batch,) lengths -> (batch, seqlen) index that reverses each sequence's first ``lengths[b]``
+    positions and leaves the padding after them in place (the index is its own inverse)."""
+    t = torch.arange(seqlen, device=lengths.device)
+    n = lengths.view(-1, 1).to(t.dtype)
+    return torch.where(t < n, n - 1 - t, t)
 
 
 def _causal_conv(x: Tensor, conv: nn.Conv1d) -> Tensor:
