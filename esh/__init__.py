@@ -1,10 +1,11 @@
 """esh: hybrid state-space / attention backbones (ESH-Vision, ESH LM, MambaVision, Vim)."""
 
-from . import ops
+from . import ops, runtime
 from ._version import __version__
 from .models import UnknownModelError, create_model, is_model, list_models, register_model
 from .models.esh_lm import ESHConfig, ESHModel, esh_large, esh_medium, esh_small
 from .models.esh_vision import ESHVisionBackbone, ESHVisionConfig
+from .runtime import tune_cpu_allocator
 from .train.lm import Trainer, TrainingConfig
 
 __all__ = [
@@ -24,4 +25,6 @@ __all__ = [
     "list_models",
     "ops",
     "register_model",
+    "runtime",
+    "tune_cpu_allocator",
 ]

@@ -507,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from esh.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # freed activations stay in the heap: no page faults per tensor (esh.runtime)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

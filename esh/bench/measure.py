@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from esh import runtime
+
 _M_MMAP_THRESHOLD = -3
 
 
@@ -58,17 +60,11 @@ def _cpu_peak_supported() -> bool:
     return sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
 
 
-_malloc_tuned = False
-
-
 def _return_freed_memory_to_os() -> None:
     """Make glibc map every buffer of 64 KiB or more on its own and unmap it when freed, so
     the resident set follows the live tensors (the default threshold grows to 32 MiB)."""
-    global _malloc_tuned
-    if not _malloc_tuned:
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-        _malloc_tuned = True
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
 
 
 def _trim_heap() -> None:
@@ -101,5 +97,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | None = None) ->
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     base = _status_bytes("VmRSS:")
-    fn()
-    return max(0, _status_bytes("VmHWM:") - base)
+    try:
+        fn()
+        return max(0, _status_bytes("VmHWM:") - base)
+    finally:
+        runtime._reapply()  # the fast allocator settings again, if the process had them

@@ -83,27 +83,37 @@ class BiMambaMixer(nn.Module):
                 return t.gather(1, index.expand_as(t))
 
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d) each
-        u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(rev(x), self.conv1d_b)], -1)
+        if torch.is_grad_enabled():
+            u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(rev(x), self.conv1d_b)], -1)
+        else:  # both convolutions written straight into their halves of u (out= has no autograd)
+            u = x.new_empty(batch, seqlen, 2 * d)
+            _causal_conv(x, self.conv1d, out=u[..., :d])
+            _causal_conv(rev(x), self.conv1d_b, out=u[..., d:])
         gate = F.silu(z)
         del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
         u = F.silu(u)
-        x_dbl = torch.stack([self.x_proj(u[..., :d]), self.x_proj_b(u[..., d:])], 2)  # (batch, L, 2, r + 2n)
-        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
-        delta = torch.cat([dt[:, :, 0] @ self.dt_proj.weight.t(), dt[:, :, 1] @ self.dt_proj_b.weight.t()], -1)
+        # x_proj of both directions as one batched matmul over [forward | backward] halves of u
+        w_x = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)  # (2, d, r + 2n)
+        x_dbl = torch.bmm(u.view(batch * seqlen, 2, d).transpose(0, 1), w_x)  # (2, batch * L, r + 2n)
+        # dt_proj of both directions as one matmul with a block-diagonal weight: the result is
+        # delta already in u's (batch, L, [forward | backward]) layout, no concatenation
+        dt = x_dbl[..., :r].transpose(0, 1).reshape(batch * seqlen, 2 * r)
+        delta = (dt @ torch.block_diag(self.dt_proj.weight.t(), self.dt_proj_b.weight.t())).view(batch, seqlen, 2 * d)
+        B, C = (x_dbl[..., k : k + n].view(2, batch, seqlen, n).permute(1, 0, 3, 2) for k in (r, r + n))
         y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors
             u.transpose(1, 2),
             delta.transpose(1, 2),  # dt_proj's bias goes to the scan
             -torch.exp(torch.cat([self.A_log, self.A_b_log], 0).float()),
-            B.permute(0, 2, 3, 1),
-            C.permute(0, 2, 3, 1),
+            B,
+            C,
             torch.cat([self.D, self.D_b], 0).float(),
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         ).transpose(1, 2)
-        y = (y[..., :d] + rev(y[..., d:])).mul_(gate)
-        if self.divide_out:
-            y = y.div_(2)
-        return self.out_proj(y)
+        y = rev(y[..., d:]).add_(y[..., :d]).mul_(gate)
+        # dividing by 2 is exact in floating point: done on out_proj's weight, not on y
+        weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
+        return F.linear(y, weight)
 
 
 def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
@@ -114,12 +124,13 @@ def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
     return torch.where(t < n, n - 1 - t, t)
 
 
-def _causal_conv(x: Tensor, conv: nn.Conv1d) -> Tensor:
+def _causal_conv(x: Tensor, conv: nn.Conv1d, out: Tensor | None = None) -> Tensor:
     """Depthwise causal conv of (batch, L, d) in that layout: out[t] = bias + sum_j w[K-1-j] x[t-j],
-    as K shifted multiply-adds (no transpose to conv1d's layout, no padded copy)."""
+    as K shifted multiply-adds (no transpose to conv1d's layout, no padded copy); written into
+    ``out`` when given."""
     w = conv.weight[:, 0]  # (d, K)
     k = w.shape[1]
-    out = torch.addcmul(conv.bias, x, w[:, k - 1])
+    out = torch.addcmul(conv.bias, x, w[:, k - 1], out=out)
     for j in range(1, min(k, x.shape[1])):
         out[:, j:].addcmul_(x[:, :-j], w[:, k - 1 - j])
     return out

@@ -6,6 +6,10 @@
 * ``"reference"``: the sequential loop in ``reference.py``; the specification.
 * ``"chunked"``: the fast pure-PyTorch path with its own backward (``chunked.py``); any
   device, no compilation. The default everywhere except CUDA with mamba_ssm installed.
+* ``"cpu"``: the forward pass as one fused C loop (``scan_cpu.c``), compiled on first use with
+  the system C compiler and cached (``cpu_kernel.py``); float32 CPU inference only. The
+  default for CPU inputs that need no gradient when a compiler is there (``ESH_CPU_KERNEL=0``
+  turns it off); everything else falls back to ``"chunked"``.
 * ``"cuda"``: mamba_ssm's fused CUDA kernel, when the package is installed and the inputs
   are on a CUDA device.
 
@@ -21,7 +25,7 @@ import os
 
 from torch import Tensor
 
-from . import mamba_cuda
+from . import cpu_kernel, mamba_cuda
 from ._checks import check_scan_inputs
 from .chunked import selective_scan_chunked
 from .reference import selective_scan_reference, selective_state_update_reference
@@ -40,7 +44,7 @@ __all__ = [
     "use_backend",
 ]
 
-BACKENDS = ("reference", "chunked", "cuda")
+BACKENDS = ("reference", "chunked", "cpu", "cuda")
 ENV_VAR = "ESH_SCAN_BACKEND"
 
 
@@ -51,6 +55,8 @@ class BackendUnavailableError(RuntimeError):
 def available_backends(device_type: str = "cpu") -> list[str]:
     """Backends that can run inputs on a device of this type."""
     names = ["reference", "chunked"]
+    if device_type == "cpu" and cpu_kernel.available():
+        names.append("cpu")
     if device_type == "cuda" and mamba_cuda.is_available():
         names.append("cuda")
     return names
@@ -72,14 +78,20 @@ def use_backend(name: str):
 
 def resolve_backend(backend: str | None, device_type: str) -> str:
     """The backend a call will use: the argument, else ``use_backend``'s, else
-    ``$ESH_SCAN_BACKEND``, else the fastest available."""
+    ``$ESH_SCAN_BACKEND``, else the fastest available for any inputs on this device ("cuda"
+    or "chunked"; ``selective_scan`` then takes "cpu" for CPU inputs it can run)."""
+    return _resolve(backend, device_type)[0]
+
+
+def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
+    """(backend, whether it was asked for rather than chosen)."""
     source = "backend="
     if backend is None:
         backend, source = _forced.get(), "use_backend"
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
     if backend is None:
-        return "cuda" if "cuda" in available_backends(device_type) else "chunked"
+        return ("cuda" if device_type == "cuda" and mamba_cuda.is_available() else "chunked"), False
     backend = backend.strip().lower()
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {backend!r} (from {source}); expected one of {BACKENDS}")
@@ -93,12 +105,16 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
             raise BackendUnavailableError(
                 f"selective_scan: backend 'cuda' runs only on CUDA tensors; the inputs are on {device_type}"
             )
-    return backend
+    if backend == "cpu" and not cpu_kernel.available():
+        why = "it is turned off by ESH_CPU_KERNEL=0" if not cpu_kernel.enabled() else cpu_kernel.build_error()
+        raise BackendUnavailableError(f"selective_scan: backend 'cpu' is unavailable: {why}")
+    return backend, True
 
 
 _IMPLS = {
     "reference": selective_scan_reference,
     "chunked": selective_scan_chunked,
+    "cpu": cpu_kernel.selective_scan_cpu,
     "cuda": mamba_cuda.selective_scan_cuda,
 }
 
@@ -127,7 +143,8 @@ def selective_scan(
         delta_bias: (dim,) added to delta before the optional softplus.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state (batch, dim, N).
-        backend: ``"reference"``, ``"chunked"`` or ``"cuda"``; default: the fastest available.
+        backend: ``"reference"``, ``"chunked"``, ``"cpu"`` or ``"cuda"``; default: the fastest
+            that can run the inputs.
 
     Returns:
         ``out`` (batch, dim, L) in the dtype of ``u``, and the last state (float32, or
@@ -135,5 +152,13 @@ def selective_scan(
         half-precision inputs.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device.type)
+    name, asked = _resolve(backend, u.device.type)
+    if (
+        not asked
+        and name == "chunked"
+        and cpu_kernel.enabled()
+        and cpu_kernel.unsupported_reason(u, delta, A, B, C, D, z, delta_bias) is None
+        and cpu_kernel.available()
+    ):
+        name = "cpu"
     return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

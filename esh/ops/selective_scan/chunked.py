@@ -118,10 +118,17 @@ def _groups(B: Tensor, C: Tensor) -> int:
 
 
 def _pre_activation(delta: Tensor, delta_bias: Tensor | None, cdtype: torch.dtype) -> Tensor:
-    """delta + delta_bias in a fresh tensor of the arithmetic dtype."""
+    """delta + delta_bias in a fresh tensor of the arithmetic dtype, stored the way delta is: a
+    sequence-major delta gives a sequence-major result, so every later use of it is a free view
+    and its products with the other sequence-major inputs need no transpose."""
+    seq_major = is_seq_major(delta)
+    d = delta.transpose(1, 2) if seq_major else delta  # the bias runs along d's last axis or axis 1
     if delta_bias is None:
-        return delta.to(cdtype, copy=True)
-    return torch.add(delta.to(cdtype), delta_bias.to(cdtype)[:, None])
+        out = d.to(cdtype, copy=True)
+    else:
+        bias = delta_bias.to(cdtype)
+        out = torch.add(d.to(cdtype), bias if seq_major else bias[:, None])
+    return out.transpose(1, 2) if seq_major else out
 
 
 def _effective_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, cdtype) -> Tensor:
@@ -179,10 +186,12 @@ class _Prepared:
     step h[:, t] is a (batch, G*N*dim/G) block of contiguous rows.
     """
 
-    def __init__(self, u, A, B, C, dt, dt_s=None, dtu_s=None, scratch=None):
+    def __init__(self, u, A, B, C, dt, dt_s=None, dtu_s=None, scratch=None, whole_dtu=True):
         """``dt`` is the effective step (batch, dim, L); ``dt_s`` and ``dtu_s`` its
         sequence-major form and that of dt * u, when already known (in the backward);
-        ``scratch`` a (batch, dim, L) tensor to compute dt * u in."""
+        ``scratch`` a (batch, dim, L) tensor to compute dt * u in. With ``whole_dtu=False``
+        (a forward that keeps nothing for a backward) dt * u is never formed for the whole
+        sequence: each chunk computes its own slice while it is in cache."""
         self.cdtype = cdtype = dt.dtype
         self.batch, self.dim, self.seqlen = u.shape
         # sequence-major inputs: results go back sequence-major too, as free views
@@ -191,9 +200,12 @@ class _Prepared:
         self.groups = g = _groups(B, C)
         self.dt = dt
         self.dt_s = self.to_seq_major(dt) if dt_s is None else dt_s
-        if dtu_s is None:
+        self.u = u
+        self._u_s = None
+        if dtu_s is None and whole_dtu:
             dtu_s = self.to_seq_major(torch.mul(dt, u.to(cdtype), out=scratch))
         self.dtu_s = dtu_s
+        self._dtu_chunk = None
         # exp(dt * A) == exp2(dt * A * log2(e)); exp2 is several times cheaper on CPUs
         self.A = A.to(cdtype).view(g, self.dim // g, self.dstate).transpose(1, 2).contiguous()
         self.A2 = self.A * LOG2E
@@ -208,11 +220,27 @@ class _Prepared:
         shape = (self.batch, T, g, self.dstate, self.dim // g)
         return flat[: math.prod(shape)].view(shape)
 
+    @property
+    def u_s(self) -> Tensor:
+        """u as (batch, L, G, dim/G) in the arithmetic dtype: a free view for sequence-major
+        inputs of that dtype, made once otherwise."""
+        if self._u_s is None:
+            self._u_s = self.to_seq_major(self.u)
+        return self._u_s
+
+    def dtu_chunk(self, t0: int, t1: int) -> Tensor:
+        """dt * u for steps t0..t1-1, (batch, T, G, dim/G)."""
+        if self.dtu_s is not None:
+            return self.dtu_s[:, t0:t1]
+        if self._dtu_chunk is None or self._dtu_chunk.shape[1] < t1 - t0:
+            self._dtu_chunk = self.dt_s.new_empty((self.batch, t1 - t0) + self.dt_s.shape[2:])
+        return torch.mul(self.dt_s[:, t0:t1], self.u_s[:, t0:t1], out=self._dtu_chunk[:, : t1 - t0])
+
     def chunk_inputs(self, t0: int, t1: int, a: Tensor, b: Tensor) -> None:
         """Fill a with exp(dt A) and b with dt B u for steps t0..t1-1."""
         torch.mul(self.dt_s[:, t0:t1, :, None, :], self.A2, out=a)
         torch.exp2(a, out=a)
-        torch.mul(self.dtu_s[:, t0:t1, :, None, :], self.B.chunk(t0, t1), out=b)
+        torch.mul(self.dtu_chunk(t0, t1)[:, :, :, None, :], self.B.chunk(t0, t1), out=b)
 
     def to_seq_major(self, x: Tensor) -> Tensor:
         """(batch, dim, L) -> contiguous (batch, L, G, dim/G) in the arithmetic dtype."""
@@ -255,23 +283,32 @@ def _chunks(seqlen: int, chunk: int) -> list[tuple[int, int]]:
     return [(t0, min(seqlen, t0 + chunk)) for t0 in range(0, seqlen, chunk)]
 
 
-def _scan_forward(p: _Prepared, chunk: int, save_states: bool, y_out: Tensor | None = None):
-    """Returns y (batch, dim, L; in ``y_out`` if given), the last state (batch, G, N, dim/G)
-    and, when asked, the state entering each chunk."""
-    a_flat, h_flat = p.buffers(chunk, 2)
-    h = p.view(a_flat, 1)[:, 0].clone().zero_()
+def _scan_forward(p: _Prepared, chunk: int, save_states: bool, y_out: Tensor | None = None, D: Tensor | None = None):
+    """Returns y + D * u (batch, dim, L; in ``y_out`` if given), the last state
+    (batch, G, N, dim/G) and, when asked, the state entering each chunk.
+
+    The states of consecutive chunks go to two buffers in turn, so each chunk starts from the
+    last step of the other buffer without a copy; each chunk's read-out (and its D * u, while
+    u's slice is in cache) is written straight into the output."""
+    a_flat, *h_flats = p.buffers(chunk, 3)
+    h = p.dt_s.new_zeros((p.batch, p.groups, p.dstate, p.dim // p.groups))
     y_s = torch.empty_like(p.dt_s)
+    D_g = None if D is None else D.to(p.cdtype).view(p.groups, p.dim // p.groups)
     spans = _chunks(p.seqlen, chunk)
     states = p.dt_s.new_empty((len(spans),) + h.shape) if save_states else None
     for i, (t0, t1) in enumerate(spans):
-        a, hb = p.view(a_flat, t1 - t0), p.view(h_flat, t1 - t0)
+        a, hb = p.view(a_flat, t1 - t0), p.view(h_flats[i % 2], t1 - t0)
         if states is not None:
             states[i].copy_(h)
         p.chunk_inputs(t0, t1, a, hb)
         _scan_chunk(a, hb, h)
-        y_s[:, t0:t1] = p.C.contract_n(hb, t0, t1)
-        h.copy_(hb[:, -1])
-    return p.to_channel_major(y_s, y_out), h, states
+        y_c = p.C.contract_n(hb, t0, t1)
+        if D_g is None:
+            y_s[:, t0:t1] = y_c
+        else:
+            torch.addcmul(y_c, p.u_s[:, t0:t1], D_g, out=y_s[:, t0:t1])
+        h = hb[:, -1]
+    return p.to_channel_major(y_s, y_out), h.clone(), states
 
 
 def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: Tensor | None):
@@ -320,12 +357,10 @@ class SelectiveScanChunked(torch.autograd.Function):
         y = torch.empty_like(dt)  # scratch for dt * u first, then the output
         # (if y is stored sequence-major, dt * u computed in it would be used in place as its
         # sequence-major form and then overwritten by the output: not in y, then)
-        p = _Prepared(u, A, B, C, dt, scratch=None if is_seq_major(y) else y)
-        chunk = chunk or default_chunk_size(p.batch, p.dim, p.dstate, p.seqlen, p.dt_s.element_size())
         needs_grad = any(ctx.needs_input_grad[:8])
-        y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y)
-        if D is not None:
-            y.addcmul_(u.to(cdtype), D.to(cdtype)[:, None])
+        p = _Prepared(u, A, B, C, dt, scratch=None if is_seq_major(y) else y, whole_dtu=needs_grad)
+        chunk = chunk or default_chunk_size(p.batch, p.dim, p.dstate, p.seqlen, p.dt_s.element_size())
+        y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y, D=D)
         out = y if z is None else F.silu(z.to(cdtype)).mul_(y)
         if needs_grad:
             # dt and its sequence-major forms are O(batch * dim * L): keeping them spares
