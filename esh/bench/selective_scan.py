@@ -1,13 +1,17 @@
 """Benchmark of the selective-scan backends against the reference loop and mambapy.
 
 For each shape: forward and forward+backward time and the peak memory of forward+backward,
-for esh's reference loop, mambapy's parallel scan (when installed) and esh's fast path, all
-measured in the same run, with
+for esh's reference loop, mambapy's parallel scan (when installed), esh's fast PyTorch path
+("esh", the chunked backend) and, forward only, esh's fused C kernel ("esh-cpu", the default
+for CPU inference where a C compiler is available; it has no backward), all measured in the
+same run, with
 
 * speed-ups of the fast path over the faster of the two baselines, and
 * every time as a multiple of this machine's *floor*: one exponential per state element at
   the measured rate of the fastest exponential torch offers (``exp`` or ``exp2``), plus one
-  read and one write of the (batch, dim, L, N) state at the measured copy bandwidth.
+  read and one write of the (batch, dim, L, N) state at the measured copy bandwidth. That is
+  the floor of any scan made of PyTorch ops; the C kernel, which computes its exponentials
+  inline and never writes the state, can go below it.
 
 The inputs are a Mamba block's: softplus(delta + delta_bias) with dt in [1e-3, 1e-1],
 A = -exp(A_log) with the S4D-real init, input-dependent B and C, D and a z gate.
@@ -37,7 +41,9 @@ QUICK_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "small": (2, 32, 64, 8),
     "small_long": (1, 16, 300, 4),
 }
-METHODS = ("reference", "mambapy", "esh")
+METHODS = ("reference", "mambapy", "esh", "esh-cpu")
+FORWARD_ONLY = ("esh-cpu",)
+OURS = ("esh", "esh-cpu")
 
 
 def make_inputs(shape: Sequence[int], seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -79,11 +85,14 @@ def _mambapy(x: dict) -> torch.Tensor:
 
 
 def method_fn(name: str) -> Callable[[dict], torch.Tensor]:
-    return {"reference": _esh("reference"), "esh": _esh("chunked"), "mambapy": _mambapy}[name]
+    return {"reference": _esh("reference"), "esh": _esh("chunked"), "esh-cpu": _esh("cpu"), "mambapy": _mambapy}[name]
 
 
 def available_methods() -> list[str]:
-    return [m for m in METHODS if m != "mambapy" or has_module("mambapy")]
+    from esh.ops.selective_scan import cpu_kernel
+
+    unavailable = {"mambapy": not has_module("mambapy"), "esh-cpu": not cpu_kernel.available()}
+    return [m for m in METHODS if not unavailable.get(m, False)]
 
 
 @dataclass
@@ -160,15 +169,18 @@ def bench_shape(
         slow = method == "reference"  # one timed call of the loop is plenty
         outputs[method] = forward()
         fwd = time_call(forward, repeats=1 if slow else repeats, warmup=0 if slow else 1, max_seconds=max_seconds)
-        fb = time_call(forward_backward, repeats=1 if slow else repeats, warmup=1, max_seconds=max_seconds)
+        if method in FORWARD_ONLY:
+            fb = math.nan
+        else:
+            fb = time_call(forward_backward, repeats=1 if slow else repeats, warmup=1, max_seconds=max_seconds)
         rows.append(Row(name, shape, method, fwd, fb, None, floor.seconds(math.prod(shape))))
     reference_out = outputs.get("reference")
-    baselines = [r for r in rows if r.method != "esh"]
+    baselines = [r for r in rows if r.method not in OURS]
     for r in rows:
         if reference_out is not None:
             err = (outputs[r.method].float() - reference_out.float()).abs().max()
             r.max_rel_err = float(err / reference_out.float().abs().max())
-        if r.method == "esh" and baselines:
+        if r.method in OURS and baselines:
             r.speedup_fwd = min(b.fwd_s for b in baselines) / r.fwd_s
             r.speedup_fwd_bwd = min(b.fwd_bwd_s for b in baselines) / r.fwd_bwd_s
     return rows
@@ -178,8 +190,9 @@ def measure_peaks(rows: Sequence[Row]) -> None:
     """Fill in the peak memory of forward+backward. Run after all timings: measuring memory
     makes the allocator return freed memory to the OS, which slows every later call."""
     for r in rows:
-        _, forward_backward = _workloads(r.shape, r.method)
-        r.peak_bytes = peak_memory(forward_backward)
+        if r.method not in FORWARD_ONLY:
+            _, forward_backward = _workloads(r.shape, r.method)
+            r.peak_bytes = peak_memory(forward_backward)
 
 
 def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
@@ -191,12 +204,17 @@ def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        forward_only = r.method in FORWARD_ONLY
         peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
         err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
         speed = "" if r.speedup_fwd is None else f"{r.speedup_fwd:.1f}x / {r.speedup_fwd_bwd:.1f}x"
+        if forward_only:
+            speed = "" if r.speedup_fwd is None else f"{r.speedup_fwd:.1f}x / -"
+        fb = "-" if forward_only else f"{r.fwd_bwd_s * 1e3:.1f}"
+        fb_floor = "-" if forward_only else f"{r.fwd_bwd_s / r.floor_s:.1f}"
         lines.append(
             f"| {r.shape_name} {r.shape} | {r.method} | {r.fwd_s * 1e3:.1f} | {r.fwd_s / r.floor_s:.1f} "
-            f"| {r.fwd_bwd_s * 1e3:.1f} | {r.fwd_bwd_s / r.floor_s:.1f} | {peak} | {err} | {speed} |"
+            f"| {fb} | {fb_floor} | {'-' if forward_only else peak} | {err} | {speed} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,179 @@
+"""The fused C scan kernel (backend "cpu"): values against the reference loop, the dispatcher's
+choice, its fallbacks, and the build's failure modes. Skipped where no C compiler works."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from scan_inputs import scan_inputs
+
+from esh.ops.selective_scan import (
+    BackendUnavailableError,
+    available_backends,
+    selective_scan,
+    selective_scan_reference,
+)
+
+cpu_kernel = importlib.import_module("esh.ops.selective_scan.cpu_kernel")
+dispatch = importlib.import_module("esh.ops.selective_scan")  # the package, not the function
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no native kernel: {cpu_kernel.build_error()}")
+
+
+def _rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _reference(x, **kw):
+    x64 = {k: None if v is None else v.double() for k, v in x.items()}
+    return selective_scan_reference(**x64, **kw)
+
+
+def _seq_major(t):
+    """The same values as a (batch, dim, L) view of (batch, L, dim) memory."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("seqlen", [1, 5, 197])
+@pytest.mark.parametrize("dstate", [1, 16, 64])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_matches_reference_values_and_last_state(seqlen, dstate, groups):
+    x = scan_inputs(batch=3, dim=32 * groups, seqlen=seqlen, dstate=dstate, B_mode="grouped", groups=groups)
+    with torch.no_grad():
+        out, last = selective_scan(**x, delta_softplus=True, return_last_state=True, backend="cpu")
+    ref, ref_last = _reference(x, delta_softplus=True, return_last_state=True)
+    assert out.shape == ref.shape and last.shape == ref_last.shape
+    assert _rel_err(out, ref) < 2e-5
+    assert _rel_err(last, ref_last) < 2e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_D", [False, True])
+@pytest.mark.parametrize("with_z", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_optional_terms(with_D, with_z, with_bias, softplus):
+    x = scan_inputs(dim=16, seqlen=40, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    with torch.no_grad():
+        out = selective_scan(**x, delta_softplus=softplus, backend="cpu")
+    assert _rel_err(out, _reference(x, delta_softplus=softplus)) < 2e-5
+
+
+@needs_kernel
+def test_sequence_major_inputs_give_sequence_major_output():
+    x = scan_inputs(batch=2, dim=48, seqlen=30, dstate=8, with_z=False)
+    xs = dict(x, u=_seq_major(x["u"]), delta=_seq_major(x["delta"]))
+    with torch.no_grad():
+        out_s = selective_scan(**xs, delta_softplus=True, backend="cpu")
+        out_c = selective_scan(**x, delta_softplus=True, backend="cpu")
+    assert out_c.is_contiguous()
+    assert out_s.transpose(1, 2).is_contiguous() and not out_s.is_contiguous()
+    torch.testing.assert_close(out_s, out_c, rtol=0, atol=0)
+    assert _rel_err(out_s, _reference(x, delta_softplus=True)) < 2e-5
+
+
+@needs_kernel
+def test_extreme_steps_stay_finite_and_exact():
+    # huge steps make the decays underflow and softplus take its linear branch
+    x = scan_inputs(dim=16, seqlen=50, delta_scale=60.0, with_z=False)
+    with torch.no_grad():
+        out = selective_scan(**x, delta_softplus=True, backend="cpu")
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, _reference(x, delta_softplus=True)) < 2e-5
+
+
+@needs_kernel
+def test_dispatcher_takes_the_kernel_for_inference_only(monkeypatch):
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
+    calls = []
+    for name in ("cpu", "chunked"):
+        fn = dispatch._IMPLS[name]
+        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    x = scan_inputs(dim=16, seqlen=9)
+    with torch.no_grad():
+        selective_scan(**x)  # inference: the kernel
+    x_grad = {k: None if v is None else v.clone().requires_grad_() for k, v in x.items()}
+    selective_scan(**x_grad).sum().backward()  # gradients: the chunked scan
+    with torch.no_grad():
+        selective_scan(**scan_inputs(dim=6, seqlen=9))  # 6 channels per group: not a multiple of 16
+        selective_scan(**scan_inputs(dim=16, seqlen=9, B_mode="constant"))  # constant B
+        selective_scan(**scan_inputs(dim=16, seqlen=9, dtype=torch.float64))
+        selective_scan(**x, backend="chunked")  # asked for
+    monkeypatch.setenv("ESH_CPU_KERNEL", "0")
+    with torch.no_grad():
+        selective_scan(**x)
+    assert calls == ["cpu", "chunked", "chunked", "chunked", "chunked", "chunked", "chunked"]
+    assert "cpu" not in available_backends("cpu")
+
+
+@needs_kernel
+def test_asking_for_the_kernel_where_it_cannot_run_is_a_clear_error():
+    x = {k: None if v is None else v.clone().requires_grad_() for k, v in scan_inputs(dim=16, seqlen=5).items()}
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: it has no backward"):
+        selective_scan(**x, backend="cpu")
+    with torch.no_grad(), pytest.raises(ValueError, match="multiple of 16 channels"):
+        selective_scan(**scan_inputs(dim=6, seqlen=5), backend="cpu")
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_build_error", None)
+    monkeypatch.setenv("ESH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    x = scan_inputs(dim=16, seqlen=9)
+    with pytest.warns(RuntimeWarning, match="native CPU scan kernel could not be built"), torch.no_grad():
+        out = selective_scan(**x)
+    assert _rel_err(out, _reference(x)) < 2e-5  # the chunked scan ran instead
+    assert not cpu_kernel.available()
+    assert "failed" in cpu_kernel.build_error()
+    with pytest.raises(BackendUnavailableError, match="backend 'cpu' is unavailable"):
+        selective_scan(**x, backend="cpu")
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
+
+
+def test_missing_compiler_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_build_error", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert not cpu_kernel.available()
+    assert "no C compiler" in cpu_kernel.build_error()
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESH_CACHE_DIR", str(tmp_path))
+    cc = cpu_kernel._compiler()
+    first = cpu_kernel._build(cc, ["-O1"])
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernel._build(cc, ["-O1"]) == first and first.stat().st_mtime_ns == mtime  # reused
+    assert cpu_kernel._build(cc, ["-O2"]) != first  # other flags, another library
+    assert first.parent == tmp_path / "kernels"
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("ESH_CPU_KERNEL", "0")
+    assert not cpu_kernel.available()
+    with pytest.raises(BackendUnavailableError, match="ESH_CPU_KERNEL=0"):
+        selective_scan(**scan_inputs(dim=16, seqlen=5), backend="cpu")
+
+
+@needs_kernel
+def test_vim_mixer_inference_matches_the_chunked_scan(monkeypatch):
+    from esh.layers.bimamba import BiMambaMixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(32).eval()
+    h = torch.randn(2, 21, 32)
+    with torch.no_grad():
+        fast = mixer(h)
+        monkeypatch.setenv("ESH_SCAN_BACKEND", "chunked")
+        slow = mixer(h)
+    assert _rel_err(fast, slow) < 1e-5
