@@ -24,10 +24,21 @@ def test_time_call_returns_a_positive_median():
 
 
 def test_baselines_compute_the_same_scan():
-    x = bench.make_inputs((2, 8, 33, 4))
+    x = bench.make_inputs((2, 16, 33, 4))
     ref = bench.method_fn("reference")(x)
     for method in bench.available_methods():
-        torch.testing.assert_close(bench.method_fn(method)(x), ref, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(bench.method_fn(method)(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_shapes_the_c_kernel_cannot_run_leave_it_out():
+    floor = bench.measure_floor(1 << 16, repeats=1)
+    rows = bench.bench_shape("t", (1, 8, 16, 4), ["esh", "esh-cpu"], floor, repeats=1)
+    assert [r.method for r in rows] == ["esh"]
+    if "esh-cpu" in bench.available_methods():
+        rows = bench.bench_shape("t", (1, 16, 16, 4), ["reference", "esh-cpu"], floor, repeats=1)
+        assert rows[-1].method == "esh-cpu" and rows[-1].max_rel_err < 1e-5 and rows[-1].speedup_fwd > 0
+        assert "| - |" in bench.format_table(rows, floor, 1)
 
 
 def test_floor_is_positive_and_rows_carry_ratios():
