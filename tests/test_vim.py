@@ -150,3 +150,20 @@ def test_pretrained_offline_says_how_to_pass_a_checkpoint(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="hustvl/Vim-tiny-midclstok.*checkpoint_path"):
         esh.create_model("vim_tiny", pretrained=True, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_mixer_inference_path_equals_the_training_path(padded):
+    # inference writes both directions into one buffer (and may use the C scan kernel);
+    # training concatenates and runs the chunked scan with its backward
+    from esh.layers.bimamba import BiMambaMixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(32).eval()
+    h = torch.randn(3, 19, 32)
+    lengths = torch.tensor([19, 7, 12]) if padded else None
+    with torch.no_grad():
+        fast = mixer(h, lengths=lengths)
+    slow = mixer(h.clone().requires_grad_(), lengths=lengths)
+    valid = torch.arange(19)[None, :] < (lengths if padded else torch.full((3,), 19))[:, None]
+    torch.testing.assert_close(fast[valid], slow.detach()[valid], rtol=1e-5, atol=1e-6)

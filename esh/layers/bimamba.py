@@ -83,22 +83,24 @@ class BiMambaMixer(nn.Module):
                 return t.gather(1, index.expand_as(t))
 
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d) each
-        if torch.is_grad_enabled():
-            u = torch.cat([_causal_conv(x, self.conv1d), _causal_conv(rev(x), self.conv1d_b)], -1)
-        else:  # both convolutions written straight into their halves of u (out= has no autograd)
-            u = x.new_empty(batch, seqlen, 2 * d)
-            _causal_conv(x, self.conv1d, out=u[..., :d])
-            _causal_conv(rev(x), self.conv1d_b, out=u[..., d:])
+        # Results of the two directions go into the two halves of one tensor: written there in
+        # place for inference, concatenated when autograd is recording (out= has no gradient)
+        # or autocast is on (it does not cast for out= calls).
+        # The convolutions give u; dt_proj gives delta, already in u's layout.
+        in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        halves = _Halves(x.new_empty(batch, seqlen, 2 * d) if in_place else None)
+        u = halves(_causal_conv(x, self.conv1d, out=halves[0]), _causal_conv(rev(x), self.conv1d_b, out=halves[1]))
         gate = F.silu(z)
         del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
         u = F.silu(u)
         # x_proj of both directions as one batched matmul over [forward | backward] halves of u
         w_x = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)  # (2, d, r + 2n)
         x_dbl = torch.bmm(u.view(batch * seqlen, 2, d).transpose(0, 1), w_x)  # (2, batch * L, r + 2n)
-        # dt_proj of both directions as one matmul with a block-diagonal weight: the result is
-        # delta already in u's (batch, L, [forward | backward]) layout, no concatenation
-        dt = x_dbl[..., :r].transpose(0, 1).reshape(batch * seqlen, 2 * r)
-        delta = (dt @ torch.block_diag(self.dt_proj.weight.t(), self.dt_proj_b.weight.t())).view(batch, seqlen, 2 * d)
+        halves = _Halves(u.new_empty(batch * seqlen, 2 * d) if in_place else None)
+        delta = halves(
+            torch.mm(x_dbl[0, :, :r], self.dt_proj.weight.t(), out=halves[0]),
+            torch.mm(x_dbl[1, :, :r], self.dt_proj_b.weight.t(), out=halves[1]),
+        ).view(batch, seqlen, 2 * d)
         B, C = (x_dbl[..., k : k + n].view(2, batch, seqlen, n).permute(1, 0, 3, 2) for k in (r, r + n))
         y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors
             u.transpose(1, 2),
@@ -114,6 +116,23 @@ class BiMambaMixer(nn.Module):
         # dividing by 2 is exact in floating point: done on out_proj's weight, not on y
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
         return F.linear(y, weight)
+
+
+class _Halves:
+    """Two results side by side in the last axis: computed into the halves of ``buffer`` when
+    there is one (``out=``), else concatenated."""
+
+    def __init__(self, buffer: Tensor | None):
+        self.buffer = buffer
+
+    def __getitem__(self, i: int) -> Tensor | None:
+        if self.buffer is None:
+            return None
+        half = self.buffer.shape[-1] // 2
+        return self.buffer[..., i * half : (i + 1) * half]
+
+    def __call__(self, first: Tensor, second: Tensor) -> Tensor:
+        return torch.cat([first, second], -1) if self.buffer is None else self.buffer
 
 
 def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
