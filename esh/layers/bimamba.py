@@ -87,7 +87,7 @@ class BiMambaMixer(nn.Module):
         # place for inference, concatenated when autograd is recording (out= has no gradient)
         # or autocast is on (it does not cast for out= calls).
         # The convolutions give u; dt_proj gives delta, already in u's layout.
-        in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        in_place = not torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
         halves = _Halves(x.new_empty(batch, seqlen, 2 * d) if in_place else None)
         u = halves(_causal_conv(x, self.conv1d, out=halves[0]), _causal_conv(rev(x), self.conv1d_b, out=halves[1]))
         gate = F.silu(z)
@@ -116,6 +116,13 @@ class BiMambaMixer(nn.Module):
         # dividing by 2 is exact in floating point: done on out_proj's weight, not on y
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
         return F.linear(y, weight)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, for FLOP counting)
+        return False
 
 
 class _Halves:
