@@ -177,3 +177,14 @@ def test_vim_mixer_inference_matches_the_chunked_scan(monkeypatch):
         monkeypatch.setenv("ESH_SCAN_BACKEND", "chunked")
         slow = mixer(h)
     assert _rel_err(fast, slow) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_float32(dtype):
+    x = scan_inputs(dim=16, seqlen=30, dtype=dtype)
+    with torch.no_grad():
+        out = selective_scan(**x, delta_softplus=True, backend="cpu")
+        ref = selective_scan(**x, delta_softplus=True, backend="chunked")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)

@@ -10,8 +10,9 @@ the flags and this CPU, and loaded with ctypes: no Python headers, no torch head
 and nothing at install time. Where no compiler works, or ``ESH_CPU_KERNEL=0`` is set, the
 dispatcher simply keeps using the chunked scan (``available()`` says which).
 
-Forward only, float32, CPU: calls that need gradients, other dtypes, constant B/C, groups of
-channels not a multiple of 16 or more than 64 states go to the chunked scan.
+Forward only, CPU, float32 arithmetic (bfloat16 and float16 inputs are converted, as the other
+backends do): calls that need gradients, float64, constant B/C, groups of channels not a
+multiple of 16 or more than 64 states go to the chunked scan.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import Tensor
 from .chunked import LOG2E, is_seq_major
 
 ENV_VAR = "ESH_CPU_KERNEL"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = Path(__file__).with_name("scan_cpu.c")
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -141,8 +143,8 @@ def unsupported_reason(u, delta, A, B, C, D, z, delta_bias) -> str | None:
         return "it runs on CPU tensors only"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "it has no backward (training uses the chunked scan)"
-    if u.dtype != torch.float32 or delta.dtype != torch.float32 or B.dtype != torch.float32 or C.dtype != torch.float32:
-        return "it computes in float32 only"
+    if any(t.dtype not in _DTYPES for t in tensors):
+        return "it takes float32, bfloat16 and float16 inputs only (and computes in float32)"
     if B.dim() < 3 or C.dim() < 3:
         return "it needs input-dependent B and C"
     groups = max(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)
@@ -160,12 +162,12 @@ def _bc(t: Tensor, groups: int) -> Tensor:
         t = t.unsqueeze(1)
     if t.shape[1] != groups:
         t = t.repeat_interleave(groups // t.shape[1], dim=1)
-    return t.permute(0, 3, 1, 2).contiguous()
+    return t.permute(0, 3, 1, 2).float().contiguous()
 
 
 def _seq_major(x: Tensor) -> Tensor:
-    """(batch, dim, L) -> contiguous (batch, L, dim): free for sequence-major views."""
-    return x.transpose(1, 2).contiguous()
+    """(batch, dim, L) -> contiguous float32 (batch, L, dim): free for float32 sequence-major views."""
+    return x.transpose(1, 2).float().contiguous()
 
 
 def selective_scan_cpu(
@@ -197,7 +199,7 @@ def selective_scan_cpu(
     Dc = None if D is None else D.float().contiguous()
     bias = None if delta_bias is None else delta_bias.float().contiguous()
     y = torch.empty_like(u_s)
-    last = u.new_empty(batch, dim, n) if return_last_state else None
+    last = u_s.new_empty(batch, dim, n) if return_last_state else None
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lib.esh_scan_fwd_f32(
         ptr(u_s), ptr(delta_s), ptr(A2), ptr(Bs), ptr(Cs), ptr(Dc), ptr(bias), int(delta_softplus),
@@ -208,4 +210,5 @@ def selective_scan_cpu(
         out = out.contiguous()
     if z is not None:
         out = out * F.silu(z.float())
+    out = out.to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
     return (out, last) if return_last_state else out
