@@ -188,3 +188,63 @@ def test_half_precision_inputs_compute_in_float32(dtype):
         ref = selective_scan(**x, delta_softplus=True, backend="chunked")
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("divide_out", [True, False])
+@pytest.mark.parametrize("segment", [1, 4, 9])
+def test_vim_mixer_piecewise_inference_equals_the_whole_sequence(divide_out, segment):
+    from esh.layers.bimamba import BiMambaMixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(32, divide_out=divide_out).eval()
+    for p in mixer.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)  # non-trivial projections and convolutions
+    h = torch.randn(2, 37, 32)
+    with torch.no_grad():
+        mixer.segment_tokens = None
+        whole = mixer(h)
+        mixer.segment_tokens = segment
+        calls = []
+        original = mixer._forward_segmented
+        mixer._forward_segmented = lambda *a: calls.append(a[1]) or original(*a)
+        pieces = mixer(h)
+    assert calls == [segment]  # 37 tokens > 2 x segment: the piecewise path ran
+    assert _rel_err(pieces, whole) < 1e-5
+
+
+@needs_kernel
+def test_piecewise_inference_only_where_the_kernel_runs(monkeypatch):
+    from esh.layers.bimamba import BiMambaMixer
+
+    mixer = BiMambaMixer(32).eval()
+    mixer.segment_tokens = 4
+    h = torch.randn(1, 20, 32)
+    with torch.no_grad():
+        assert mixer._can_segment(h)
+        assert not mixer._can_segment(h.double())
+        monkeypatch.setenv("ESH_SCAN_BACKEND", "chunked")
+        assert not mixer._can_segment(h)
+    assert not mixer._can_segment(h)  # gradients recorded: the whole-sequence path
+    monkeypatch.delenv("ESH_SCAN_BACKEND")
+    out = mixer(h.requires_grad_())
+    out.sum().backward()  # training never takes the piecewise path
+    assert h.grad is not None
+
+
+@needs_kernel
+def test_vim_model_long_input_piecewise_equals_whole():
+    import esh
+    from esh.layers.bimamba import BiMambaMixer
+
+    torch.manual_seed(0)
+    model = esh.create_model("vim_tiny", img_size=96, depth=2).eval()  # 37 tokens
+    x = torch.randn(1, 3, 96, 96)
+    mixers = [m for m in model.modules() if isinstance(m, BiMambaMixer)]
+    with torch.no_grad():
+        whole = model(x)
+        for m in mixers:
+            m.segment_tokens = 8
+        pieces = model(x)
+    assert _rel_err(pieces, whole) < 1e-5

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh.ops import selective_scan
+from esh.ops.selective_scan import cpu_kernel, cpu_kernel_is_default
 
 from .mamba_init import init_dt_proj
 
@@ -53,6 +54,9 @@ class BiMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
         self.A_b_log = nn.Parameter(A_log.clone())
         self.D_b = nn.Parameter(torch.ones(d_inner))
+        # Inference on sequences longer than twice this many tokens runs piece by piece (see
+        # _forward_segmented): activations O(segment) instead of O(L). None: never.
+        self.segment_tokens: int | None = 1024
 
     def forward(self, hidden_states: Tensor, lengths: Tensor | None = None) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model).
@@ -72,6 +76,9 @@ class BiMambaMixer(nn.Module):
         """
         batch, seqlen, _ = hidden_states.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
+        segment = self.segment_tokens
+        if lengths is None and segment and seqlen > 2 * segment and self._can_segment(hidden_states):
+            return self._forward_segmented(hidden_states, segment)
         if lengths is None:
 
             def rev(t: Tensor) -> Tensor:
@@ -116,6 +123,77 @@ class BiMambaMixer(nn.Module):
         # dividing by 2 is exact in floating point: done on out_proj's weight, not on y
         weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
         return F.linear(y, weight)
+
+    def _can_segment(self, x: Tensor) -> bool:
+        """Piecewise inference needs the C kernel (it carries the state between pieces)."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not _autocast_enabled("cpu")
+            and (self.d_inner % 16) == 0
+            and self.d_state <= 64
+            and cpu_kernel_is_default()
+        )
+
+    def _forward_segmented(self, hidden_states: Tensor, segment: int) -> Tensor:
+        """The same output as ``forward``, for inference on long sequences, with activations of
+        O(segment) tokens instead of O(L): out_proj is linear, so
+
+            out_proj((y_f + flip(y_b)) * g / 2) = out_proj(y_f * g) / 2 + out_proj(flip(y_b) * g) / 2,
+
+        and each direction runs over the sequence in pieces of ``segment`` tokens (the backward
+        one from the end), carrying the scan state from piece to piece and giving each piece's
+        causal convolution the d_conv - 1 tokens before it. in_proj is computed once per
+        direction, so this costs one more in_proj per token than ``forward``."""
+        batch, seqlen, _ = hidden_states.shape
+        n, r, ctx = self.d_state, self.dt_rank, self.d_conv - 1
+        out = hidden_states.new_empty(batch, seqlen, self.d_model)
+        weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
+        directions = (
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        )
+        for backward, (conv, x_proj, dt_proj, A_log, D) in enumerate(directions):
+            A, D, bias = -torch.exp(A_log.float()), D.float(), dt_proj.bias.float()
+            state = None
+            for s0 in range(0, seqlen, segment):
+                s1 = min(seqlen, s0 + segment)
+                if not backward:  # positions s0..s1-1, after up to ctx tokens of context
+                    t0, t1 = s0, s1
+                    c0 = max(0, t0 - ctx)
+                    x, z = self.in_proj(hidden_states[:, c0:t1]).chunk(2, dim=-1)
+                    lead = t0 - c0
+                else:  # reversed positions s0..s1-1: original t1-1 down to t0, context after t1
+                    t0, t1 = seqlen - s1, seqlen - s0
+                    c1 = min(seqlen, t1 + ctx)
+                    x, z = self.in_proj(hidden_states[:, t0:c1]).chunk(2, dim=-1)
+                    x, z, lead = x.flip(1), z[:, : t1 - t0], c1 - t1
+                z = z[:, lead:] if not backward else z
+                u = F.silu(_causal_conv(x, conv)[:, lead:])  # (batch, T, d), in scan order
+                dt, B, C = torch.split(x_proj(u), [r, n, n], dim=-1)
+                delta = F.linear(dt, dt_proj.weight)
+                y, state = cpu_kernel.selective_scan_cpu(
+                    u.transpose(1, 2),
+                    delta.transpose(1, 2),
+                    A,
+                    B.transpose(1, 2),
+                    C.transpose(1, 2),
+                    D,
+                    delta_bias=bias,
+                    delta_softplus=True,
+                    return_last_state=True,
+                    initial_state=state,
+                )
+                y = y.transpose(1, 2)
+                if backward:
+                    y = y.flip(1)
+                part = F.linear(y.mul_(F.silu(z)), weight)
+                if backward:
+                    out[:, t0:t1] += part
+                else:
+                    out[:, t0:t1] = part
+        return out
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "cpu_kernel_is_default",
     "resolve_backend",
     "selective_scan",
     "selective_scan_chunked",
@@ -109,6 +110,12 @@ def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
         why = "it is turned off by ESH_CPU_KERNEL=0" if not cpu_kernel.enabled() else cpu_kernel.build_error()
         raise BackendUnavailableError(f"selective_scan: backend 'cpu' is unavailable: {why}")
     return backend, True
+
+
+def cpu_kernel_is_default() -> bool:
+    """Whether calls with no backend asked for (argument, ``use_backend`` or
+    ``$ESH_SCAN_BACKEND``) go to the C kernel when it can run their inputs."""
+    return _resolve(None, "cpu") == ("chunked", False) and cpu_kernel.enabled() and cpu_kernel.available()
 
 
 _IMPLS = {

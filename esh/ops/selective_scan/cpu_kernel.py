@@ -108,8 +108,9 @@ def _load() -> ctypes.CDLL | None:
                 errors.append(str(e))
                 continue
             lib.esh_scan_fwd_f32.restype = None
-            lib.esh_scan_fwd_f32.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-            lib.esh_scan_fwd_f32.argtypes[7] = ctypes.c_int
+            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+            # u, delta, A2, B, C, D, bias, softplus, y, h_last, h_init, batch, L, dim, N, G, threads
+            lib.esh_scan_fwd_f32.argtypes = [ptr] * 7 + [ctypes.c_int] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int]
             _lib = lib
             return lib
         _build_error = "; ".join(errors)
@@ -181,9 +182,12 @@ def selective_scan_cpu(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as ``selective_scan_reference``; the output comes back sequence-major
-    (a (batch, dim, L) view of (batch, L, dim) memory) when ``u`` is, contiguous otherwise."""
+    (a (batch, dim, L) view of (batch, L, dim) memory) when ``u`` is, contiguous otherwise.
+    ``initial_state`` (batch, dim, N): the state before the first step (default zero), e.g. the
+    last state of the previous piece of a sequence scanned piece by piece."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native CPU scan kernel is unavailable: {_build_error}")
@@ -200,10 +204,16 @@ def selective_scan_cpu(
     bias = None if delta_bias is None else delta_bias.float().contiguous()
     y = torch.empty_like(u_s)
     last = u_s.new_empty(batch, dim, n) if return_last_state else None
+    if initial_state is not None:
+        if initial_state.shape != (batch, dim, n):
+            raise ValueError(
+                f"initial_state must be (batch, dim, N) = {(batch, dim, n)}, got {tuple(initial_state.shape)}"
+            )
+        initial_state = initial_state.float().contiguous()
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lib.esh_scan_fwd_f32(
         ptr(u_s), ptr(delta_s), ptr(A2), ptr(Bs), ptr(Cs), ptr(Dc), ptr(bias), int(delta_softplus),
-        ptr(y), ptr(last), batch, seqlen, dim, n, groups, torch.get_num_threads(),
+        ptr(y), ptr(last), ptr(initial_state), batch, seqlen, dim, n, groups, torch.get_num_threads(),
     )  # fmt: skip
     out = y.transpose(1, 2)
     if not is_seq_major(u):

@@ -15,6 +15,8 @@
  *   Bm, Cm           (batch, L, G, N)     one B and C per group of dim / G channels
  *   Dv, bias         (dim) or NULL
  *   h_last           (batch, dim, N) or NULL: the final state
+ *   h_init           (batch, dim, N) or NULL: the state before the first step (else zero), so
+ *                    that a long sequence can be scanned piece by piece
  * dim / G must be a multiple of 16 and N at most ESH_MAX_N (the Python side checks both).
  */
 #include <math.h>
@@ -53,8 +55,9 @@ int esh_scan_max_n(void) { return ESH_MAX_N; }
 int esh_scan_block(void) { return W; }
 
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                      const float *Dv, const float *bias, int softplus, float *y, float *h_last, int64_t batch,
-                      int64_t L, int64_t dim, int64_t N, int64_t G, int nthreads) {
+                      const float *Dv, const float *bias, int softplus, float *y, float *h_last,
+                      const float *h_init, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t G,
+                      int nthreads) {
     const int64_t dg = dim / G;
     const int64_t blocks = dim / W;
     const int64_t items = batch * blocks;
@@ -68,7 +71,7 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
         float bias_k[W], D_k[W];
         for (int64_t n = 0; n < N; ++n)
             for (int k = 0; k < W; ++k) {
-                h[n][k] = 0.0f;
+                h[n][k] = h_init ? h_init[(b * dim + d0 + k) * N + n] : 0.0f;
                 a2[n][k] = A2[n * dim + d0 + k];
             }
         for (int k = 0; k < W; ++k) {
