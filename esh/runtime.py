@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -31,7 +32,9 @@ _MAX_MMAP_THRESHOLD = 32 << 20
 _tuned: tuple[int, int] | None = None
 
 
+@functools.cache
 def _libc():
+    """glibc, loaded once (find_library runs ldconfig), or None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
 import statistics
@@ -14,8 +12,6 @@ from collections.abc import Callable
 import torch
 
 from esh import runtime
-
-_M_MMAP_THRESHOLD = -3
 
 
 def _sync(device: torch.device | None) -> None:
@@ -63,15 +59,17 @@ def _cpu_peak_supported() -> bool:
 def _return_freed_memory_to_os() -> None:
     """Make glibc map every buffer of 64 KiB or more on its own and unmap it when freed, so
     the resident set follows the live tensors (the default threshold grows to 32 MiB)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    libc = runtime._libc()
+    if libc is not None:
+        libc.mallopt(runtime._M_MMAP_THRESHOLD, 1 << 16)
 
 
 def _trim_heap() -> None:
     """Hand free heap pages back to the OS, so that memory freed by earlier measurements is
     not silently reused (and so not counted) by the next one."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = runtime._libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int | None:

@@ -120,9 +120,12 @@ class BiMambaMixer(nn.Module):
             delta_softplus=True,
         ).transpose(1, 2)
         y = rev(y[..., d:]).add_(y[..., :d]).mul_(gate)
-        # dividing by 2 is exact in floating point: done on out_proj's weight, not on y
-        weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
-        return F.linear(y, weight)
+        return F.linear(y, self._out_weight())
+
+    def _out_weight(self) -> Tensor:
+        """out_proj's weight, halved when the two directions are averaged: dividing by 2 is
+        exact in floating point, so it is done on the (d_model, d) weight, not on y."""
+        return self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
 
     def _can_segment(self, x: Tensor) -> bool:
         """Piecewise inference needs the C kernel (it carries the state between pieces)."""
@@ -131,8 +134,7 @@ class BiMambaMixer(nn.Module):
             and x.dtype == torch.float32
             and not torch.is_grad_enabled()
             and not _autocast_enabled("cpu")
-            and (self.d_inner % 16) == 0
-            and self.d_state <= 64
+            and cpu_kernel.shape_unsupported_reason(self.d_inner, self.d_state) is None
             and cpu_kernel_is_default()
         )
 
@@ -149,7 +151,7 @@ class BiMambaMixer(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         n, r, ctx = self.d_state, self.dt_rank, self.d_conv - 1
         out = hidden_states.new_empty(batch, seqlen, self.d_model)
-        weight = self.out_proj.weight * 0.5 if self.divide_out else self.out_proj.weight
+        weight = self._out_weight()
         directions = (
             (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
             (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),

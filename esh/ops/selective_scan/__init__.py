@@ -115,7 +115,7 @@ def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
 def cpu_kernel_is_default() -> bool:
     """Whether calls with no backend asked for (argument, ``use_backend`` or
     ``$ESH_SCAN_BACKEND``) go to the C kernel when it can run their inputs."""
-    return _resolve(None, "cpu") == ("chunked", False) and cpu_kernel.enabled() and cpu_kernel.available()
+    return _resolve(None, "cpu") == ("chunked", False) and cpu_kernel.available()
 
 
 _IMPLS = {
@@ -163,9 +163,8 @@ def selective_scan(
     if (
         not asked
         and name == "chunked"
-        and cpu_kernel.enabled()
         and cpu_kernel.unsupported_reason(u, delta, A, B, C, D, z, delta_bias) is None
-        and cpu_kernel.available()
+        and cpu_kernel.available()  # checks ESH_CPU_KERNEL; builds on the first eligible call
     ):
         name = "cpu"
     return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -37,6 +37,8 @@ from .chunked import LOG2E, is_seq_major
 
 ENV_VAR = "ESH_CPU_KERNEL"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK = 16  # channels per block of the C loop (W in scan_cpu.c)
+MAX_STATES = 64  # ESH_MAX_N in scan_cpu.c
 _SOURCE = Path(__file__).with_name("scan_cpu.c")
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -149,11 +151,15 @@ def unsupported_reason(u, delta, A, B, C, D, z, delta_bias) -> str | None:
     if B.dim() < 3 or C.dim() < 3:
         return "it needs input-dependent B and C"
     groups = max(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)
-    dim, n = A.shape
-    if (dim // groups) % 16:
-        return "it needs a multiple of 16 channels per group"
-    if n > 64:
-        return "it supports at most 64 states"
+    return shape_unsupported_reason(*A.shape, groups)
+
+
+def shape_unsupported_reason(dim: int, dstate: int, groups: int = 1) -> str | None:
+    """The part of ``unsupported_reason`` that depends on the sizes only."""
+    if (dim // groups) % BLOCK:
+        return f"it needs a multiple of {BLOCK} channels per group"
+    if dstate > MAX_STATES:
+        return f"it supports at most {MAX_STATES} states"
     return None
 
 

@@ -17,7 +17,8 @@
  *   h_last           (batch, dim, N) or NULL: the final state
  *   h_init           (batch, dim, N) or NULL: the state before the first step (else zero), so
  *                    that a long sequence can be scanned piece by piece
- * dim / G must be a multiple of 16 and N at most ESH_MAX_N (the Python side checks both).
+ * dim / G must be a multiple of W and N at most ESH_MAX_N (cpu_kernel.py's BLOCK and MAX_STATES,
+ * which the Python side checks).
  */
 #include <math.h>
 #include <stddef.h>
@@ -49,10 +50,6 @@ static inline float esh_exp2f(float x) {
     scale.i = ((int32_t)r + 127) << 23;
     return p * scale.f;
 }
-
-int esh_scan_max_n(void) { return ESH_MAX_N; }
-
-int esh_scan_block(void) { return W; }
 
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
                       const float *Dv, const float *bias, int softplus, float *y, float *h_last,
