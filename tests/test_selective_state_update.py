@@ -116,3 +116,142 @@ def test_step_shape_errors(field, bad, message):
     args[field] = bad
     with pytest.raises(ValueError, match=message):
         selective_state_update(**args)
+
+
+# state_batch_indices: a batch of requests, each reading and updating its own row of a cache
+
+
+def _cache_step_inputs(heads: bool, batch: int = 3, cache_rows: int = 7, seed: int = 0):
+    """One step's arguments for a cache of ``cache_rows`` rows; (dim=4, N=3) or (nheads=4, dim=2, N=3)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    lead = (4, 2) if heads else (4,)
+    return dict(
+        state=rnd(cache_rows, *lead, 3),
+        x=rnd(batch, *lead),
+        dt=rnd(batch, *lead),
+        A=-rnd(*lead, 3).abs(),
+        B=rnd(batch, 2, 3) if heads else rnd(batch, 3),
+        C=rnd(batch, 2, 3) if heads else rnd(batch, 3),
+        D=rnd(*lead),
+        z=rnd(batch, *lead),
+        dt_bias=rnd(*lead),
+        dt_softplus=True,
+    )
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_stepping_requests_through_rows_of_a_cache_equals_the_scan_of_each_sequence(heads):
+    # three sequences live in rows 5, 0 and 3 of a 7-row cache; the batch order changes every
+    # step, and a padding request (-1) rides along at the end
+    batch, nheads, headdim, n, seqlen = 3, 2, 3, 4, 9
+    x = scan_inputs(batch=batch, dim=nheads * headdim, seqlen=seqlen, dstate=n, dtype=torch.float64, seed=3)
+    out, last = selective_scan(**x, delta_softplus=True, return_last_state=True)
+    lead = (nheads, headdim) if heads else (nheads * headdim,)  # the multi-head form splits dim
+    bc = (1, n) if heads else (n,)
+
+    def requests(v, t, order, shape):
+        v = v[order, :, t].reshape(batch, *shape)
+        return torch.cat([v, torch.ones_like(v[:1])])
+
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(7, *lead, n, generator=g, dtype=torch.float64)
+    slots = torch.tensor([5, 0, 3])
+    cache[slots] = 0
+    before = cache.clone()
+    steps = torch.empty(seqlen, batch, *lead, dtype=torch.float64)
+    for t in range(seqlen):
+        order = torch.randperm(batch, generator=g)
+        y = selective_state_update(
+            cache,
+            requests(x["u"], t, order, lead),
+            requests(x["delta"], t, order, lead),
+            x["A"].reshape(*lead, n),
+            requests(x["B"], t, order, bc),
+            requests(x["C"], t, order, bc),
+            D=x["D"].reshape(lead),
+            z=requests(x["z"], t, order, lead),
+            dt_bias=x["delta_bias"].reshape(lead),
+            dt_softplus=True,
+            state_batch_indices=torch.cat([slots[order], torch.tensor([-1])]).int(),
+        )
+        assert torch.equal(y[-1], torch.zeros(lead, dtype=torch.float64))
+        steps[t, order] = y[:-1]
+    torch.testing.assert_close(steps.flatten(2).permute(1, 2, 0), out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache[slots].reshape(last.shape), last, rtol=1e-10, atol=1e-12)
+    others = torch.tensor([1, 2, 4, 6])
+    assert torch.equal(cache[others], before[others])
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("heads", [False, True])
+def test_indexed_step_equals_the_plain_step_on_the_gathered_rows(heads, index_dtype):
+    args = _cache_step_inputs(heads)
+    indices = torch.tensor([6, 2, 4], dtype=index_dtype)
+    gathered = args["state"][indices.long()].clone()
+    expected = selective_state_update(**{**args, "state": gathered})
+    out = selective_state_update(**args, state_batch_indices=indices)
+    assert torch.equal(out, expected)
+    assert torch.equal(args["state"][indices.long()], gathered)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [False, True])
+def test_rows_no_request_names_stay_untouched_bit_for_bit(heads, dtype):
+    args = _cache_step_inputs(heads)
+    args["state"] = args["state"].to(dtype)
+    before = args["state"].clone()
+    selective_state_update(**args, state_batch_indices=torch.tensor([1, 5, 3]))
+    untouched = torch.tensor([0, 2, 4, 6])
+    assert torch.equal(args["state"][untouched], before[untouched])
+    assert not torch.equal(args["state"][[1, 5, 3]], before[[1, 5, 3]])
+
+
+def test_negative_index_is_a_padding_request_with_zero_output_and_no_row_touched():
+    args = _cache_step_inputs(heads=True)
+    before = args["state"].clone()
+    out = selective_state_update(**args, state_batch_indices=torch.tensor([4, -1, 2]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    unpadded = {k: v[[0, 2]] if k in ("x", "dt", "B", "C", "z") else v for k, v in args.items()}
+    unpadded["state"] = before.clone()
+    expected = selective_state_update(**unpadded, state_batch_indices=torch.tensor([4, 2]))
+    assert torch.equal(out[[0, 2]], expected)
+    assert torch.equal(args["state"], unpadded["state"])
+
+
+def test_a_batch_of_padding_only_returns_zeros_and_leaves_the_cache_alone():
+    args = _cache_step_inputs(heads=False)
+    before = args["state"].clone()
+    out = selective_state_update(**args, state_batch_indices=torch.tensor([-1, -1, -5]))
+    assert torch.equal(out, torch.zeros_like(args["x"]))
+    assert torch.equal(args["state"], before)
+
+
+@pytest.mark.parametrize(
+    "indices,message",
+    [
+        (torch.tensor([1.0, 2.0, 3.0]), r"state_batch_indices must be an int32 or int64 tensor; got torch\.float32"),
+        (torch.tensor([True, False, True]), r"must be an int32 or int64 tensor; got torch\.bool"),
+        ([1, 2, 3], r"must be an int32 or int64 tensor; got list"),
+        (torch.tensor([1, 2]), r"state_batch_indices must have shape \(batch,\) = \(3,\); got \(2,\)"),
+        (torch.tensor([[1, 2, 3]]), r"state_batch_indices must have shape \(batch,\) = \(3,\); got \(1, 3\)"),
+        (torch.tensor([1, 7, 3]), r"must be below state\.shape\[0\] = 7 \(negative: padding\); got 7"),
+        (torch.tensor([2, 0, 2]), r"names state row 2 more than once"),
+    ],
+)
+def test_bad_state_batch_indices_raise_one_line_value_errors_before_any_write(indices, message):
+    args = _cache_step_inputs(heads=False)
+    before = args["state"].clone()
+    with pytest.raises(ValueError, match=message) as info:
+        selective_state_update(**args, state_batch_indices=indices)
+    assert "\n" not in str(info.value)
+    assert torch.equal(args["state"], before)
+
+
+def test_without_indices_the_state_batch_must_still_be_the_request_batch():
+    args = _cache_step_inputs(heads=False)  # 7 state rows, 3 requests
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, dim\) = \(7, 4\)"):
+        selective_state_update(**args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import mamba_cuda
@@ -14,7 +15,7 @@ def _expect(name: str, t: Tensor | None, shape: tuple, what: str) -> None:
         raise ValueError(f"selective_state_update: {name} must have shape {what} = {shape}; got {tuple(t.shape)}")
 
 
-def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+def _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices) -> None:
     if state.dim() not in (3, 4):
         raise ValueError(
             "selective_state_update: state must be (batch, dim, N) or (batch, nheads, dim, N); "
@@ -22,8 +23,10 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
         )
     if state.is_complex() or A.is_complex():
         raise ValueError("selective_state_update: only real state and A are supported")
+    # with indices, state is a cache of any number of rows and the batch is x's
+    batch = state.shape[0] if state_batch_indices is None else (x.shape[0] if x.dim() else 0)
     if state.dim() == 3:
-        batch, dim, n = state.shape
+        _, dim, n = state.shape
         _expect("x", x, (batch, dim), "(batch, dim)")
         _expect("dt", dt, (batch, dim), "(batch, dim)")
         _expect("A", A, (dim, n), "(dim, N)")
@@ -33,7 +36,7 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
         _expect("D", D, (dim,), "(dim,)")
         _expect("dt_bias", dt_bias, (dim,), "(dim,)")
     else:
-        batch, heads, dim, n = state.shape
+        _, heads, dim, n = state.shape
         _expect("x", x, (batch, heads, dim), "(batch, nheads, dim)")
         _expect("dt", dt, (batch, heads, dim), "(batch, nheads, dim)")
         _expect("A", A, (heads, dim, n), "(nheads, dim, N)")
@@ -46,7 +49,36 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
                     f"selective_state_update: {name} must have shape (batch, ngroups, N) = "
                     f"({batch}, ngroups, {n}) with ngroups dividing nheads={heads}; got {tuple(t.shape)}"
                 )
-    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    if state_batch_indices is not None:
+        _check_indices(state_batch_indices, batch, state.shape[0])
+    check_same_device(
+        state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state_batch_indices=state_batch_indices
+    )
+
+
+def _check_indices(indices: object, batch: int, cache_rows: int) -> None:
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        what = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
+        raise ValueError(f"selective_state_update: state_batch_indices must be an int32 or int64 tensor; got {what}")
+    _expect("state_batch_indices", indices, (batch,), "(batch,)")
+    rows = indices[indices >= 0].sort().values
+    if rows.numel() and rows[-1] >= cache_rows:
+        raise ValueError(
+            f"selective_state_update: state_batch_indices must be below state.shape[0] = {cache_rows} "
+            f"(negative: padding); got {int(rows[-1])}"
+        )
+    repeated = rows[1:][rows[1:] == rows[:-1]]
+    if repeated.numel():
+        raise ValueError(
+            f"selective_state_update: state_batch_indices names state row {int(repeated[0])} more than once; "
+            "each request needs its own row"
+        )
+
+
+def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> Tensor:
+    if state.is_cuda and mamba_cuda.is_available():
+        return mamba_cuda.selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 def selective_state_update(
@@ -60,6 +92,7 @@ def selective_state_update(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: Tensor | None = None,
 ) -> Tensor:
     """Advance ``state`` by one step in place and return that step's output.
 
@@ -68,8 +101,37 @@ def selective_state_update(
     (dim,); or the multi-head form with an extra ``nheads`` axis after batch and B/C
     (batch, ngroups, N). Feeding a sequence through this step by step gives the output and
     last state of ``selective_scan`` on the whole sequence.
+
+    ``state_batch_indices`` (batch,) int32 or int64, for continuous batching: ``state`` is then
+    a cache of any number of rows, and request ``i`` reads and updates row
+    ``state_batch_indices[i]`` in place; rows no request names are left untouched. A negative
+    index marks a padding request: its output is zero and no row is read or written. This is
+    mamba_ssm 2.3.2's contract (the argument since 2.2.3, negative indices as padding since
+    2.2.6.post3). Where mamba_ssm leaves the result undefined (an index past the cache, two
+    requests on one row), this raises ``ValueError``; checking the values costs a host sync on
+    CUDA.
     """
-    _check(state, x, dt, A, B, C, D, z, dt_bias)
-    if state.is_cuda and mamba_cuda.is_available():
-        return mamba_cuda.selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is None:
+        return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    live = state_batch_indices >= 0
+    out = torch.zeros_like(x)
+    if not live.any():
+        return out
+    rows = state_batch_indices[live].long()
+    picked = state.index_select(0, rows)  # a copy: the step runs on it, then it is written back
+    out[live] = _step(
+        picked,
+        x[live],
+        dt[live],
+        A,
+        B[live],
+        C[live],
+        D,
+        None if z is None else z[live],
+        dt_bias,
+        dt_softplus,
+    )
+    state.index_copy_(0, rows, picked)
+    return out
