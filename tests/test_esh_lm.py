@@ -328,8 +328,10 @@ def test_bad_inputs_raise_value_errors():
         model(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match="labels"):
         model(torch.zeros(2, 3, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="padded"):
-        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"\(batch, past \+ T\) = \(1, 3\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1]]))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.tensor([[2, 1]]))
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=1.0, top_p=0.0)
 

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.cache_utils import DynamicCache, LinearAttentionAndFullAttentionLayer  # noqa: E402
 
 from esh.models.esh_lm import ESHConfig, ESHModel  # noqa: E402
-from esh.models.hf_esh import ESHForCausalLM, ESHHFConfig  # noqa: E402
+from esh.models.hf_esh import CACHE_FIELD, ESHForCausalLM, ESHHFConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,3 +129,78 @@ def test_trust_remote_code_loads_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok ESHForCausalLM" in result.stdout
+
+
+def test_forward_takes_the_cache_as_cache_or_past_key_values():
+    model, hf = _pair(seed=6)
+    ids = _prompt(2, 8)
+    expected = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=hf.config)
+        hf(ids[:, :5], **{name: cache}, use_cache=True)
+        steps = [hf(ids[:, t : t + 1], **{name: cache}).logits[:, -1] for t in range(5, 8)]
+        torch.testing.assert_close(steps[-1], expected, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="not both"):
+        hf(ids, cache=DynamicCache(config=hf.config), past_key_values=DynamicCache(config=hf.config))
+
+
+def test_output_carries_the_cache_under_the_installed_transformers_name():
+    _, hf = _pair()
+    out = hf(_prompt(), use_cache=True)
+    assert CACHE_FIELD in out and isinstance(out[CACHE_FIELD], DynamicCache)
+    assert CACHE_FIELD in type(out).__dataclass_fields__
+
+
+def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_generates_each_prompts_own_tokens(use_cache):
+    _, hf = _pair(seed=7)
+    prompts = [torch.randint(1, 97, (n,)) for n in (9, 3, 6)]
+    ids, mask = _left_padded(prompts)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=use_cache)
+    batched = hf.generate(ids, attention_mask=mask, **kwargs)
+    for i, p in enumerate(prompts):
+        alone = hf.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(p) :]), i
+
+
+def test_left_padded_beam_search_matches_each_prompt_alone():
+    _, hf = _pair(seed=8)
+    prompts = [torch.randint(1, 97, (n,)) for n in (7, 4)]
+    ids, mask = _left_padded(prompts)
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    batched = hf.generate(ids, attention_mask=mask, **kwargs)
+    for i, p in enumerate(prompts):
+        alone = hf.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(p) :]), i
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", padding_side="left")
+
+
+def test_text_generation_pipeline_batches_prompts_of_different_lengths():
+    from transformers import pipeline
+
+    _, hf = _pair(seed=9)
+    tokenizer = _word_tokenizer()
+    texts = ["w5 w17 w3 w88 w41 w9 w60", "w2 w70", "w33 w34 w35 w36"]
+    pipe = pipeline("text-generation", model=hf, tokenizer=tokenizer, device="cpu")
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_full_text=False)
+    batched = [r[0]["generated_text"] for r in pipe(texts, batch_size=3, **kwargs)]
+    alone = [pipe(t, **kwargs)[0]["generated_text"] for t in texts]
+    assert batched == alone and all(len(t.split()) == 6 for t in batched)

@@ -23,7 +23,13 @@ from esh.ops import selective_scan, selective_state_update
 
 from .mamba_init import init_dt_proj
 
-__all__ = ["Mamba", "copy_unless_loaded"]
+__all__ = ["Mamba", "copy_unless_loaded", "mask_padding"]
+
+
+def mask_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padded positions of channel-major ``x`` (batch, channels, L); ``mask`` (batch, L)
+    is True at real tokens (None: no padding)."""
+    return x if mask is None else x * mask[:, None, :].to(x.dtype)
 
 
 def copy_unless_loaded(param: Tensor, value: Tensor) -> None:
@@ -94,21 +100,29 @@ class Mamba(nn.Module):
         return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
 
     def forward(
-        self, hidden_states: Tensor, conv_state: Tensor | None = None, ssm_state: Tensor | None = None
+        self,
+        hidden_states: Tensor,
+        conv_state: Tensor | None = None,
+        ssm_state: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model), starting from the zero state.
 
         With ``conv_state`` and ``ssm_state`` (from ``allocate_inference_cache``) they are
         overwritten in place with the states after the last token, ready for ``step``.
+        ``mask`` (batch, L) bool is False at left padding: those positions feed zeros to the conv
+        and the scan (before and after the conv, whose bias would otherwise leak into the state),
+        so each row's state at its first real token is the zero state, as without the padding.
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
         seqlen = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        x = mask_padding(x, mask)
         if conv_state is not None:
             # the last d_conv inputs, left-padded with zeros when the sequence is shorter
             conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))
-        x = F.silu(self.conv1d(x)[..., :seqlen])  # causal: the conv pads d_conv - 1 on both sides
+        x = mask_padding(F.silu(self.conv1d(x)[..., :seqlen]), mask)  # causal: the conv pads d_conv - 1 on both sides
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # its bias goes to the scan
         A, D, dt_bias = self._ssm_params()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from esh.ops import selective_scan, selective_state_update
 
-from .mamba import copy_unless_loaded
+from .mamba import copy_unless_loaded, mask_padding
 
 __all__ = ["Mamba2"]
 
@@ -95,18 +95,23 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm(y * F.silu(z)))
 
     def forward(
-        self, hidden_states: Tensor, conv_state: Tensor | None = None, ssm_state: Tensor | None = None
+        self,
+        hidden_states: Tensor,
+        conv_state: Tensor | None = None,
+        ssm_state: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model) from the zero state; given states are
-        overwritten with those after the last token (prefill)."""
+        overwritten with those after the last token (prefill). ``mask`` (batch, L) bool is False at
+        left padding, which then contributes nothing to the conv or the state (as in ``Mamba``)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
         batch, seqlen, _ = hidden_states.shape
         z, xbc, dt = self._split(self.in_proj(hidden_states))
-        xbc = xbc.transpose(1, 2)  # (batch, conv_dim, L)
+        xbc = mask_padding(xbc.transpose(1, 2), mask)  # (batch, conv_dim, L)
         if conv_state is not None:
             conv_state.copy_(F.pad(xbc, (self.d_conv - seqlen, 0)))
-        xbc = F.silu(self.conv1d(xbc)[..., :seqlen])
+        xbc = mask_padding(F.silu(self.conv1d(xbc)[..., :seqlen]), mask)
         gn = self.ngroups * self.d_state
         x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=1)
         p = self.headdim

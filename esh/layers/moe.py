@@ -55,6 +55,13 @@ class MoEAux:
     expert_fraction: Tensor
 
 
+def _token_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean over the token dimension (0), or the sum weighted by ``weight`` (tokens,) = real-token mask / count."""
+    if weight is None:
+        return values.mean(0)
+    return (values * weight.view(-1, *([1] * (values.dim() - 1)))).sum(0)
+
+
 class SwitchMoE(nn.Module):
     def __init__(
         self,
@@ -91,27 +98,42 @@ class SwitchMoE(nn.Module):
         logits = F.linear(x, self.router.weight.float())
         return logits, logits.softmax(dim=-1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
-        """(..., d_model) -> (..., d_model) and the ``MoEAux`` of these tokens."""
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """(..., d_model) -> (..., d_model) and the ``MoEAux`` of these tokens.
+
+        ``token_mask`` (``x.shape[:-1]``, bool) marks the real tokens of a padded batch: the others
+        get no expert (zero output), take no capacity and are left out of every statistic and loss.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens, n_exp = x.shape[0], self.n_experts
         logits, probs = self.route(x)
         gate, expert = probs.max(dim=-1)
+        real = weight = None
+        if token_mask is not None:
+            if token_mask.shape != shape[:-1]:
+                raise ValueError(f"SwitchMoE: token_mask must be {tuple(shape[:-1])}; got {tuple(token_mask.shape)}")
+            real = token_mask.reshape(-1).to(torch.bool)
+            n_tokens = int(real.sum())
+            weight = real.float() / max(n_tokens, 1)
 
         with torch.no_grad():
             dispatch = F.one_hot(expert, n_exp).float()
-            expert_fraction = dispatch.mean(0)
+            if real is not None:
+                dispatch = dispatch * real[:, None]
+            expert_fraction = _token_mean(dispatch, weight)
             if self.capacity_factor is None:
-                keep = None
+                keep = real
                 dropped = torch.zeros((), device=x.device)
             else:
                 capacity = math.ceil(self.capacity_factor * n_tokens / n_exp)
                 rank_in_expert = (dispatch.cumsum(0) * dispatch).sum(-1) - 1  # 0 for an expert's first token
                 keep = rank_in_expert < capacity
-                dropped = 1.0 - keep.float().mean()
-        load_balance = n_exp * (expert_fraction * probs.mean(0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+                if real is not None:
+                    keep &= real
+                dropped = 1.0 - _token_mean(keep.float(), weight)
+        load_balance = n_exp * (expert_fraction * _token_mean(probs, weight)).sum()
+        z_loss = _token_mean(torch.logsumexp(logits, dim=-1).pow(2), weight)
 
         # group the tokens by expert (dropped ones get the id n_exp and sort last), run each expert once
         target = expert if keep is None else torch.where(keep, expert, n_exp)

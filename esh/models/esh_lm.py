@@ -42,6 +42,7 @@ from esh._compat import import_timm
 from esh.layers import GatedAttention, Mamba, MoEAux, SwitchMoE
 from esh.layers.router import TokenRouter
 from esh.models._checkpoint import CheckpointError, read_checkpoint
+from esh.models._lm_padding import gather_rows, padding_first, padding_masks
 from esh.models.registry import register_model
 
 LayerScale = import_timm().layers.LayerScale
@@ -303,32 +304,60 @@ class ESHBlock(nn.Module):
         self.ls2 = LayerScale(d, init_values=ls) if ls is not None else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
 
-    def _run_ssm(self, h: Tensor, cache: Any | None) -> Tensor:
-        if cache is None:
-            return self.ssm(h)
-        i = self.layer_idx
-        # read both states before writing either (transformers flips has_previous_state on the conv write)
-        conv_state, ssm_state = cache.get_conv_state(i), cache.get_recurrent_state(i)
-        if conv_state is None:  # prefill: the whole prompt in one scan, keep the final states
+    def _run_ssm(self, h: Tensor, cache: Any | None, token_mask: Tensor | None) -> Tensor:
+        if cache is not None:
+            i = self.layer_idx
+            # read both states before writing either (transformers flips has_previous_state on the conv write)
+            conv_state, ssm_state = cache.get_conv_state(i), cache.get_recurrent_state(i)
+            if conv_state is not None:
+                return self._decode_ssm(h, cache, conv_state, ssm_state, token_mask)
+            # prefill: the whole prompt in one scan, keep the final states
             conv_state, ssm_state = self.ssm.allocate_inference_cache(h.shape[0], dtype=h.dtype)
-            out = self.ssm(h, conv_state=conv_state, ssm_state=ssm_state)
+        order = padding_first(token_mask) if token_mask is not None else None
+        if order is not None:  # padding first, so the scan never crosses it and ends on the last real token
+            h, token_mask = gather_rows(h, order), gather_rows(token_mask, order)
+        out = self.ssm(h, mask=token_mask) if cache is None else self.ssm(h, conv_state, ssm_state, mask=token_mask)
+        if order is not None:
+            out = gather_rows(out, order.argsort(1))
+        if cache is not None:
             cache.update_recurrent_state(ssm_state, i)
             cache.update_conv_state(conv_state, i, conv_kernel_size=self.ssm.d_conv)
-            return out
-        steps = [self.ssm.step(h[:, t : t + 1], conv_state, ssm_state)[0] for t in range(h.shape[1])]
-        return steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
+        return out
+
+    def _decode_ssm(
+        self, h: Tensor, cache: Any, conv_state: Tensor, ssm_state: Tensor, token_mask: Tensor | None
+    ) -> Tensor:
+        """Token by token from the cached states, updated in place; a padded token leaves them as they were."""
+        outs = []
+        for t in range(h.shape[1]):
+            keep = None if token_mask is None or bool(token_mask[:, t].all()) else ~token_mask[:, t]
+            if keep is not None:
+                saved = conv_state.clone(), ssm_state.clone()
+            outs.append(self.ssm.step(h[:, t : t + 1], conv_state, ssm_state)[0])
+            if keep is not None:
+                for state, old in zip((conv_state, ssm_state), saved):
+                    state.copy_(torch.where(keep.view(-1, *([1] * (state.dim() - 1))), old, state))
+            if hasattr(cache, "increase_count"):  # transformers >= 5.25 counts tokens on in-place conv updates
+                cache.increase_count(self.layer_idx, 0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def forward(
-        self, x: Tensor, positions: Tensor, cache: Any | None = None, attn_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: Any | None = None,
+        attn_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, MoEAux]:
-        """x (batch, T, d_model) -> (x, alpha (batch, T) float32, MoEAux)."""
+        """x (batch, T, d_model) -> (x, alpha (batch, T) float32, MoEAux). ``attn_mask`` and
+        ``token_mask`` come from ``padding_masks`` for a padded batch (None: no padding)."""
         h = self.norm1(x)
         alpha = self.router(h)
         attn = self.attn_norm(self.attn(h, positions, cache, self.layer_idx, attn_mask))
-        ssm = self.ssm_norm(self._run_ssm(h, cache))
+        ssm = self.ssm_norm(self._run_ssm(h, cache, token_mask))
         a = alpha.unsqueeze(-1)
         x = x + self.drop(self.ls1(a * attn + (1.0 - a) * ssm))
-        moe_out, aux = self.moe(self.norm2(x))
+        moe_out, aux = self.moe(self.norm2(x), token_mask)
         x = x + self.drop(self.ls2(moe_out))
         return x, alpha, aux
 
@@ -382,6 +411,12 @@ def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p) -
         raise ValueError(f"generate: top_p must be in (0, 1] or None; got {top_p}")
 
 
+def _last_real_index(attention_mask: Tensor) -> Tensor:
+    """(batch,) index of each row's last 1 in a (batch, T) mask (0 for a row without one)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, 0).amax(-1)
+
+
 class _CausalLMMixin:
     """``generate`` and label checking shared by ``ESHModel`` and ``MambaLM``."""
 
@@ -413,6 +448,7 @@ class _CausalLMMixin:
         use_cache: bool = True,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Continue ``input_ids`` (batch, T) by up to ``max_new_tokens``; returns (batch, T + new).
 
@@ -421,6 +457,8 @@ class _CausalLMMixin:
         ``use_cache=True`` runs the prompt once and then one token per step through the cache;
         ``False`` recomputes the whole sequence every step (same tokens, slower). Rows that emitted
         ``eos_token_id`` continue with it; generation stops early once every row has.
+        ``attention_mask`` (batch, T) marks a padded batch of prompts (0 = padding, on the left or
+        the right): each row then continues as it would alone.
         """
         _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
         was_training = self.training
@@ -430,7 +468,13 @@ class _CausalLMMixin:
             if max_new_tokens == 0:
                 return seq
             cache = self.new_cache(input_ids.shape[1] + max_new_tokens) if use_cache else None
-            logits = self(seq, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits[:, -1]
+            mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+            if mask:  # a right-padded row continues from its last real token
+                logits = self(seq, past_key_values=cache, use_cache=use_cache, **mask).logits
+                last = _last_real_index(attention_mask)
+                logits = logits[torch.arange(seq.shape[0], device=seq.device), last]
+            else:
+                logits = self(seq, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits[:, -1]
             finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
             for i in range(max_new_tokens):
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -438,12 +482,14 @@ class _CausalLMMixin:
                     token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                     finished |= token == eos_token_id
                 seq = torch.cat([seq, token[:, None]], dim=1)
+                if mask:
+                    mask["attention_mask"] = F.pad(mask["attention_mask"], (0, 1), value=1)
                 if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                     break
                 if use_cache:
-                    logits = self(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                    logits = self(token[:, None], past_key_values=cache, use_cache=True, **mask).logits[:, -1]
                 else:
-                    logits = self(seq, logits_to_keep=1).logits[:, -1]
+                    logits = self(seq, logits_to_keep=1, **mask).logits[:, -1]
             return seq
         finally:
             self.train(was_training)
@@ -521,38 +567,48 @@ class ESHModel(_CausalLMMixin, nn.Module):
         use_cache: bool = False,
         attention_mask: Tensor | None = None,
         logits_to_keep: int = 0,
+        position_ids: Tensor | None = None,
     ) -> ESHOutput:
         """Logits (and losses) for ``input_ids`` (batch, T).
 
         Args:
             labels: (batch, T) targets aligned with ``input_ids`` (they are shifted inside:
-                position t predicts ``labels[:, t + 1]``); -100 is ignored.
+                position t predicts ``labels[:, t + 1]``); -100 is ignored (put it at padding).
             past_key_values: an ``ESHCache`` (or a transformers hybrid cache) holding the tokens
                 before ``input_ids``; it is updated in place.
             use_cache: create a cache when none is given, and return it.
-            attention_mask: accepted for Hugging Face compatibility; must be all ones (ESH LM
-                batches are unpadded: pack sequences instead of padding them).
+            attention_mask: (batch, past + T) 1 at real tokens, 0 at padding (left, right or
+                anywhere), covering the cached tokens too. Padding reaches neither attention, nor
+                the SSM state or conv, nor the MoE: each row gives what it gives alone.
             logits_to_keep: compute logits for the last this many positions only (0 = all).
+            position_ids: (batch, T) rotary positions; default: real tokens counted from 0
+                (``cumsum(attention_mask) - 1``), or ``past + arange(T)`` without padding.
         """
         self._check_input_ids(input_ids, labels)
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "ESHModel: padded batches (attention_mask with zeros) are not supported; pack or "
-                "group sequences of equal length"
-            )
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache()
+        batch, seqlen = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        pads = padding_masks(attention_mask, past, seqlen, batch) if attention_mask is not None else None
+        if position_ids is not None:
+            if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != seqlen or position_ids.dim() > 2:
+                got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+                raise ValueError(f"position_ids must be (batch, T) or (T,) with T = {seqlen}; got {got}")
+            positions = position_ids
+        elif pads is not None:
+            positions = pads.positions
+        else:
+            positions = torch.arange(past, past + seqlen, device=input_ids.device)
+        attn_mask, token_mask = (pads.attn_mask, pads.token_mask) if pads is not None else (None, None)
 
         x = self.drop(self.embed_tokens(input_ids))
         alphas, auxes = [], []
         for layer in self.layers:
             if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x, alpha, aux = checkpoint(layer, x, positions, use_reentrant=False)
+                x, alpha, aux = checkpoint(layer, x, positions, None, attn_mask, token_mask, use_reentrant=False)
             else:
-                x, alpha, aux = layer(x, positions, cache)
+                x, alpha, aux = layer(x, positions, cache, attn_mask, token_mask)
             alphas.append(alpha)
             auxes.append(aux)
         x = self.norm(x)
@@ -750,8 +806,8 @@ class MambaLMBlock(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer = Mamba(d_model, **mamba_kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return x + self.mixer(self.norm(x), mask=mask)
 
 
 class MambaLM(_CausalLMMixin, nn.Module):
@@ -789,14 +845,26 @@ class MambaLM(_CausalLMMixin, nn.Module):
         past_key_values: Any | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        attention_mask: Tensor | None = None,
     ) -> ESHOutput:
-        """Same arguments and output as ``ESHModel.forward`` (no cache: ``past_key_values`` must be None)."""
+        """Same arguments and output as ``ESHModel.forward`` (no cache: ``past_key_values`` must be None;
+        a padded batch's ``attention_mask`` is (batch, T))."""
         if past_key_values is not None:
             raise ValueError("MambaLM has no decoding cache; call it on the whole sequence")
         self._check_input_ids(input_ids, labels)
+        batch, seqlen = input_ids.shape
+        pads = padding_masks(attention_mask, 0, seqlen, batch) if attention_mask is not None else None
+        mask = order = None
+        if pads is not None:  # padding first: the scan then never crosses it
+            mask = pads.token_mask
+            order = padding_first(mask)
         x = self.embed_tokens(input_ids)
+        if order is not None:
+            x, mask = gather_rows(x, order), gather_rows(mask, order)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
+        if order is not None:
+            x = gather_rows(x, order.argsort(1))
         x = self.norm(x)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         ce_loss = self._next_token_loss(logits, labels) if labels is not None else None

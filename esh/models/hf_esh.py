@@ -22,7 +22,6 @@ has ``esh`` installed but never imported this module.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,9 +40,10 @@ from transformers import (  # noqa: E402
     PreTrainedModel,
 )
 from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
-__all__ = ["ESHCausalLMOutput", "ESHForCausalLM", "ESHHFConfig"]
+__all__ = ["CACHE_FIELD", "ESHCausalLMOutput", "ESHForCausalLM", "ESHHFConfig"]
 
 _ESH_FIELDS = {f.name: f for f in dataclasses.fields(ESHConfig)}
 
@@ -82,18 +82,25 @@ class ESHHFConfig(PretrainedConfig):
         return cls(**dataclasses.asdict(config), **kwargs)
 
 
-@dataclass
-class ESHCausalLMOutput(ModelOutput):
-    """``loss`` (cross-entropy + weighted MoE losses), ``logits``, ``past_key_values``, ``aux_loss``
-    (weighted MoE load-balancing + z-loss, summed over layers), ``ce_loss``, ``alphas`` (per layer
-    (batch, T) router values)."""
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``;
+# the output carries it under the installed release's name, so ``generate`` finds it.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    loss: Tensor | None = None
-    logits: Tensor | None = None
-    past_key_values: Any | None = None
-    aux_loss: Tensor | None = None
-    ce_loss: Tensor | None = None
-    alphas: tuple[Tensor, ...] | None = None
+ESHCausalLMOutput = dataclasses.make_dataclass(
+    "ESHCausalLMOutput",
+    [
+        (name, Any, dataclasses.field(default=None))
+        for name in ("loss", "logits", CACHE_FIELD, "aux_loss", "ce_loss", "alphas")
+    ],
+    bases=(ModelOutput,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": f"""``loss`` (cross-entropy + weighted MoE losses), ``logits``, ``{CACHE_FIELD}`` (the
+        hybrid cache, under the installed transformers' name for it), ``aux_loss`` (weighted MoE
+        load-balancing + z-loss, summed over layers), ``ce_loss``, ``alphas`` (per layer (batch, T)
+        router values).""",
+    },
+)
 
 
 class ESHPreTrainedModel(PreTrainedModel):
@@ -162,35 +169,45 @@ class ESHForCausalLM(ESHPreTrainedModel, GenerationMixin):
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: Any | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Any | None = None,
         **kwargs: Any,
-    ) -> ESHCausalLMOutput:
-        """``input_ids`` (batch, T); ``past_key_values`` a ``DynamicCache`` built from this config
-        (made here when ``use_cache`` and none is given). Padded batches are not supported."""
+    ) -> ModelOutput:
+        """``input_ids`` (batch, T); ``cache`` (transformers >= 5.24's name; ``past_key_values``
+        before it, both accepted) a ``DynamicCache`` built from this config, made here when
+        ``use_cache`` and none is given. ``attention_mask`` (batch, past + T) may pad on the left or
+        the right; ``position_ids`` default to the real tokens counted from 0."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("ESHForCausalLM: pass the cache once, as cache= (or past_key_values=), not both")
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("ESHForCausalLM takes input_ids (inputs_embeds is not supported)")
         if use_cache is None:
-            use_cache = self.config.use_cache if hasattr(self.config, "use_cache") else False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            use_cache = cache is not None or getattr(self.config, "use_cache", False)
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         out = self.model(
             input_ids,
             labels=labels,
-            past_key_values=past_key_values,
+            past_key_values=cache,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             logits_to_keep=logits_to_keep if labels is None else 0,
         )
         return ESHCausalLMOutput(
             loss=out.loss,
             logits=out.logits,
-            past_key_values=past_key_values if use_cache else None,
             aux_loss=out.aux_loss,
             ce_loss=out.ce_loss,
             alphas=tuple(out.alphas),
+            **{CACHE_FIELD: cache},
         )
 
 
