@@ -1,4 +1,4 @@
-"""ESH LM as a Hugging Face ``transformers`` model (needs the ``hf`` extra: transformers >= 5.5).
+"""ESH LM as a Hugging Face ``transformers`` model (needs the ``hf`` extra: transformers >= 5.23, < 6).
 
 ``ESHForCausalLM`` wraps the very modules of ``esh.models.esh_lm.ESHModel`` (under ``.model``), so
 its weights are the ESH model's weights and ``from_esh`` / ``to_esh`` convert without copying
@@ -30,7 +30,16 @@ from torch import Tensor
 from esh._compat import require
 from esh.models.esh_lm import ESHConfig, ESHModel
 
-require("transformers", "hf", "The Hugging Face wrapper of ESH LM")
+_transformers = require("transformers", "hf", "The Hugging Face wrapper of ESH LM")
+MIN_TRANSFORMERS = "5.23"  # the hybrid cache's get_conv_state / get_recurrent_state
+
+from packaging import version as _version  # noqa: E402  (a dependency of transformers)
+
+if _version.parse(_transformers.__version__) < _version.parse(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"The Hugging Face wrapper of ESH LM needs transformers >= {MIN_TRANSFORMERS} (its hybrid cache); "
+        f"found {_transformers.__version__}: pip install -U 'esh[hf]'"
+    )
 
 from transformers import (  # noqa: E402
     AutoConfig,
