@@ -15,12 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh._compat import import_timm
 from esh.ops import selective_scan
 from esh.ops.selective_scan import cpu_kernel, cpu_kernel_is_default
 
 from .mamba_init import init_dt_proj
 
+register_notrace_module = import_timm().layers.register_notrace_module
 
+
+# A leaf for torch.fx (called, not traced): the forward picks its path at run time, by
+# sequence length (piecewise inference), grad and autocast mode (in-place buffers) and lengths.
+@register_notrace_module
 class BiMambaMixer(nn.Module):
     def __init__(
         self,

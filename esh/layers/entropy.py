@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esh._compat import import_timm
+
+register_notrace_function = import_timm().layers.register_notrace_function
+
 __all__ = ["grey_levels", "histogram_entropy", "patch_histograms", "pool_histograms"]
 
 
@@ -32,10 +36,12 @@ def grey_levels(images: Tensor, bins: int) -> Tensor:
     return (scaled * bins).long().clamp_(0, bins - 1)
 
 
+@register_notrace_function
 def patch_histograms(images: Tensor, patch: int, bins: int = 16) -> Tensor:
     """(B, C, H, W) -> (B, ceil(H/patch), ceil(W/patch), bins) counts of grey levels per patch.
 
     Pixels of the zero padding that completes the last row/column of patches are not counted.
+    torch.fx calls this function instead of tracing it (it branches on the image size).
     """
     levels = grey_levels(images, bins)
     B, H, W = levels.shape

@@ -44,6 +44,7 @@ _timm = import_timm()
 DropPath = _timm.layers.DropPath
 LayerScale = _timm.layers.LayerScale
 Mlp = _timm.layers.Mlp
+register_notrace_module = _timm.layers.register_notrace_module
 
 __all__ = ["HybridVisionBlock", "gather_sequences", "select_tokens"]
 
@@ -81,6 +82,9 @@ def gather_sequences(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return index, valid, lengths
 
 
+# A leaf for torch.fx (called, not traced): which patches attend and how long they ponder
+# depends on the router's values, and attention windows on the map's size.
+@register_notrace_module
 class HybridVisionBlock(nn.Module):
     def __init__(
         self,

@@ -16,19 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh._compat import import_timm
 from esh.ops import selective_scan
 
 from .mamba_init import init_dt_proj
 
+# torch.fx calls the scan rather than tracing it: its dispatcher picks a backend per call
+import_timm().layers.register_notrace_function(selective_scan)
 
-def _conv1d_same(x: Tensor, weight: Tensor) -> Tensor:
-    """Depthwise conv1d with PyTorch's "same" padding, written with explicit pads so that it
-    exports to ONNX (the same zeros: (k-1)//2 on the left, k//2 on the right)."""
-    k = weight.shape[-1]
+
+def _conv1d_same(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """The depthwise ``conv`` with PyTorch's "same" padding, written with explicit pads so that
+    it exports to ONNX (the same zeros: (k-1)//2 on the left, k//2 on the right). The sizes come
+    from the module, not the weight's shape, so that torch.fx traces this without a branch."""
+    k = conv.kernel_size[0]
     left, right = (k - 1) // 2, k // 2
     if left == right:
-        return F.conv1d(x, weight, padding=left, groups=x.shape[1])
-    return F.conv1d(F.pad(x, (left, right)), weight, groups=x.shape[1])
+        return F.conv1d(x, conv.weight, padding=left, groups=conv.groups)
+    return F.conv1d(F.pad(x, (left, right)), conv.weight, groups=conv.groups)
 
 
 class MambaVisionMixer(nn.Module):
@@ -64,8 +69,8 @@ class MambaVisionMixer(nn.Module):
         """(batch, L, d_model) -> (batch, L, d_model)."""
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(_conv1d_same(x, self.conv1d_x.weight))
-        z = F.silu(_conv1d_same(z, self.conv1d_z.weight))
+        x = F.silu(_conv1d_same(x, self.conv1d_x))
+        z = F.silu(_conv1d_same(z, self.conv1d_z))
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj applies its bias and the scan adds it again: the official model's softplus

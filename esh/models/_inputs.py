@@ -1,14 +1,24 @@
 """Input checks shared by the vision families: a clear ValueError instead of a shape error
-from deep inside a convolution."""
+from deep inside a convolution.
+
+A check returns its input and the model goes on with the returned tensor, and torch.fx calls
+the check instead of tracing it (``register_notrace_function``): a traced graph keeps the
+check, as a node that dead-code elimination cannot drop.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from esh._compat import import_timm
 
-def check_image_batch(x: object, in_chans: int, family: str, floating: bool = False) -> None:
+register_notrace_function = import_timm().layers.register_notrace_function
+
+
+@register_notrace_function
+def check_image_batch(x: object, in_chans: int, family: str, floating: bool = False) -> Tensor:
     """``x`` must be a (batch, in_chans, height, width) tensor with a non-empty batch and image
-    (and of a floating-point dtype when ``floating``)."""
+    (and of a floating-point dtype when ``floating``); returns ``x``."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{family} expects images (batch, {in_chans}, height, width); got {shape}")
@@ -21,3 +31,4 @@ def check_image_batch(x: object, in_chans: int, family: str, floating: bool = Fa
         raise ValueError(f"{family} needs a non-empty batch and height, width >= 1; got {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise ValueError(f"{family} expects floating-point images; got {x.dtype}")
+    return x

@@ -20,16 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh._compat import import_timm
 from esh.layers.entropy import histogram_entropy, patch_histograms, pool_histograms
 from esh.layers.hybrid_block import HybridVisionBlock
 from esh.layers.mamba_init import init_dt_proj
+from esh.layers.padding import pad_to_multiple
 from esh.layers.vssm import BidirectionalVSSM
 from esh.models._checkpoint import download_weights, extract_state_dict, load_into, read_checkpoint, strip_prefix
 from esh.models._inputs import check_image_batch
+from esh.models._scripting import NotScriptable
 from esh.models.registry import register_model
 
 _timm = import_timm()
@@ -95,11 +96,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self.patch_size
-        ph, pw = -x.shape[2] % p, -x.shape[3] % p
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(pad_to_multiple(x, self.patch_size)).permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):
@@ -112,10 +109,9 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, dim_out, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = pad_to_multiple(x, 2, channels_last=True)
         B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        x = x.view(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x))
 
 
@@ -138,14 +134,14 @@ class ESHVisionStage(nn.Module):
         aux = []
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, *stats = torch.utils.checkpoint.checkpoint(blk, x, entropy, use_reentrant=False)
+                x, alpha, cost, attn = torch.utils.checkpoint.checkpoint(blk, x, entropy, use_reentrant=False)
             else:
-                x, *stats = blk(x, entropy)
-            aux.append(tuple(stats))
+                x, alpha, cost, attn = blk(x, entropy)
+            aux.append((alpha, cost, attn))
         return x, counts, aux
 
 
-class ESHVision(nn.Module):
+class ESHVision(NotScriptable, nn.Module):
     """The ESH-Vision network with the timm model surface (``model(x)`` returns logits).
 
     Build it from an ``ESHVisionConfig`` and/or keyword overrides of its fields:
@@ -297,12 +293,12 @@ class ESHVision(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def check_input(self, x: Tensor) -> None:
-        check_image_batch(x, self.in_chans, "ESH-Vision", floating=True)
+    def check_input(self, x: Tensor) -> Tensor:
+        return check_image_batch(x, self.in_chans, "ESH-Vision", floating=True)
 
     def _run(self, x: Tensor, stop_after: int | None = None):
         """Stem and stages; yields (stage index, NHWC map) and records the routing statistics."""
-        self.check_input(x)
+        x = self.check_input(x)
         counts = patch_histograms(x, self.config.patch_size, self.config.entropy_bins)
         x = self.patch_embed(x)
         aux = []
@@ -312,6 +308,8 @@ class ESHVision(nn.Module):
             yield i, x
             if stop_after is not None and i >= stop_after:
                 break
+        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no statistics to keep
+            return
         self._last_aux = {
             "alphas": [a for a, _, _ in aux],
             "ponder_costs": [p for _, p, _ in aux],

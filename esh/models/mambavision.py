@@ -15,11 +15,11 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh._compat import import_timm
 from esh.layers import Attention, MambaVisionMixer
+from esh.layers.padding import crop_to, pad_to_multiple
 from esh.models._checkpoint import (
     CheckpointError,
     download_weights,
@@ -29,6 +29,7 @@ from esh.models._checkpoint import (
     strip_prefix,
 )
 from esh.models._inputs import check_image_batch
+from esh.models._scripting import NotScriptable
 from esh.models.registry import register_variants
 
 _timm = import_timm()
@@ -200,21 +201,17 @@ class MambaVisionLayer(nn.Module):
             return self._run_blocks(x)
         _, _, H, W = x.shape
         w = self.window_size
-        pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
-        if pad_b or pad_r:
-            x = F.pad(x, (0, pad_r, 0, pad_b))  # zeros right and bottom, not masked (as trained)
-        Hp, Wp = H + pad_b, W + pad_r
+        x = pad_to_multiple(x, w)  # zeros right and bottom, not masked (as trained)
+        _, _, Hp, Wp = x.shape
         x = window_reverse(self._run_blocks(window_partition(x, w)), w, Hp, Wp)
-        if pad_b or pad_r:
-            x = x[:, :, :H, :W].contiguous()
-        return x
+        return crop_to(x, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
 
-class MambaVision(nn.Module):
+class MambaVision(NotScriptable, nn.Module):
     def __init__(
         self,
         dim: int = 80,
@@ -311,8 +308,8 @@ class MambaVision(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def check_input(self, x: Tensor) -> None:
-        check_image_batch(x, self.in_chans, "MambaVision")
+    def check_input(self, x: Tensor) -> Tensor:
+        return check_image_batch(x, self.in_chans, "MambaVision")
 
     def forward_intermediates(
         self,
@@ -328,7 +325,7 @@ class MambaVision(nn.Module):
         to the last stage's map."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
-        self.check_input(x)
+        x = self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         intermediates = []
         x = self.patch_embed(x)
@@ -360,7 +357,7 @@ class MambaVision(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> the final normalised map (B, num_features, H/32, W/32)."""
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.patch_embed(x)
         for level in self.levels:
             x = level(x)

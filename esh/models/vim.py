@@ -26,11 +26,13 @@ from esh.models._checkpoint import (
     read_checkpoint,
     strip_prefix,
 )
+from esh.models._scripting import NotScriptable
 from esh.models.registry import register_variants
 
 _timm = import_timm()
 DropPath = _timm.layers.DropPath
 trunc_normal_ = _timm.layers.trunc_normal_
+register_notrace_function = _timm.layers.register_notrace_function
 feature_take_indices = _timm.models._features.feature_take_indices
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "resize_pos_embed"]
@@ -63,7 +65,22 @@ class Block(nn.Module):
         return self.mixer(self.norm(residual).to(hidden.dtype)), residual
 
 
-class VisionMamba(nn.Module):
+@register_notrace_function  # torch.fx calls it (it branches on the input's shape) and keeps it in graphs
+def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int]) -> Tensor:
+    """``x`` must be a (batch, in_chans, *img_size) tensor, the size the position embedding
+    was built for; returns ``x``."""
+    want = (in_chans, *img_size)
+    if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"this Vim was built for inputs (batch, {want[0]}, {want[1]}, {want[2]}); got {got}. "
+            f"Build it for another size with create_model(..., img_size=...): checkpoints' "
+            f"position embeddings are resized on load"
+        )
+    return x
+
+
+class VisionMamba(NotScriptable, nn.Module):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -135,18 +152,11 @@ class VisionMamba(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def check_input(self, x: Tensor) -> None:
-        want = (self.in_chans, *self.img_size)
-        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"this Vim was built for inputs (batch, {want[0]}, {want[1]}, {want[2]}); got {got}. "
-                f"Build it for another size with create_model(..., img_size=...): checkpoints' "
-                f"position embeddings are resized on load"
-            )
+    def check_input(self, x: Tensor) -> Tensor:
+        return check_vim_input(x, self.in_chans, self.img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, M, D), raster order
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         p = self.token_position
