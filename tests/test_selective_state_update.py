@@ -255,3 +255,59 @@ def test_without_indices_the_state_batch_must_still_be_the_request_batch():
     args = _cache_step_inputs(heads=False)  # 7 state rows, 3 requests
     with pytest.raises(ValueError, match=r"x must have shape \(batch, dim\) = \(7, 4\)"):
         selective_state_update(**args)
+
+
+def _fake_mamba_cuda(monkeypatch, takes_indices: bool) -> list[dict]:
+    """Route the step to a recording stand-in for mamba_ssm's kernel (the reference, or the
+    reference with mamba_ssm's index semantics), as on a CUDA machine with mamba_ssm."""
+    from esh.ops.selective_scan import mamba_cuda, state_update
+
+    calls: list[dict] = []
+
+    def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None):
+        calls.append({"rows": state.shape[0], "indices": state_batch_indices})
+        if state_batch_indices is None:
+            return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        rows = state_batch_indices.long()
+        picked = state[rows]
+        out = selective_state_update_reference(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        state[rows] = picked
+        return out
+
+    monkeypatch.setattr(state_update, "_on_mamba_cuda", lambda state: True)
+    monkeypatch.setattr(mamba_cuda, "takes_state_batch_indices", lambda: takes_indices)
+    monkeypatch.setattr(mamba_cuda, "selective_state_update_cuda", kernel)
+    return calls
+
+
+@pytest.mark.parametrize("takes_indices", [True, False])
+def test_on_mamba_cuda_the_indices_reach_its_kernel_when_it_takes_them(monkeypatch, takes_indices):
+    args = _cache_step_inputs(heads=True)
+    indices = torch.tensor([6, 2, 4])
+    stepped_rows = args["state"][indices].clone()
+    expected = selective_state_update(**{**args, "state": stepped_rows})
+    calls = _fake_mamba_cuda(monkeypatch, takes_indices)
+    out = selective_state_update(**args, state_batch_indices=indices)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(args["state"][indices], stepped_rows)
+    assert len(calls) == 1
+    if takes_indices:  # one kernel call on the whole cache, indices passed through
+        assert calls[0]["rows"] == 7 and torch.equal(calls[0]["indices"], indices)
+    else:  # an older mamba_ssm: the gathered rows only, no indices
+        assert calls[0]["rows"] == 3 and calls[0]["indices"] is None
+
+
+@pytest.mark.parametrize(
+    "installed, takes", [("2.2.6.post3", True), ("2.3.2", True), ("2.2.4", False), ("2.2.6", False)]
+)
+def test_the_index_pass_through_needs_mamba_ssm_2_2_6_post3(monkeypatch, installed, takes):
+    import importlib.metadata
+
+    from esh.ops.selective_scan import mamba_cuda
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    mamba_cuda.takes_state_batch_indices.cache_clear()
+    try:
+        assert mamba_cuda.takes_state_batch_indices() is takes
+    finally:
+        mamba_cuda.takes_state_batch_indices.cache_clear()

@@ -47,9 +47,30 @@ def selective_scan_cuda(
     return fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+# mamba_ssm takes state_batch_indices since 2.2.3 and treats a negative one as padding (zero
+# output, no row touched) since 2.2.6.post3; older releases would read out of bounds there.
+STATE_BATCH_INDICES_SINCE = "2.2.6.post3"
+
+
+@cache
+def takes_state_batch_indices() -> bool:
+    """Whether the installed mamba_ssm's ``selective_state_update`` has esh's index contract."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("mamba_ssm")) >= Version(STATE_BATCH_INDICES_SINCE)
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
+def selective_state_update_cuda(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None
+):
     try:
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     except ImportError as e:
         raise RuntimeError(f"mamba_ssm's selective_state_update could not be imported ({e})") from e
-    return selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    kwargs = {} if state_batch_indices is None else {"state_batch_indices": state_batch_indices}
+    return selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, **kwargs)

@@ -75,8 +75,12 @@ def _check_indices(indices: object, batch: int, cache_rows: int) -> None:
         )
 
 
+def _on_mamba_cuda(state: Tensor) -> bool:
+    return state.is_cuda and mamba_cuda.is_available()
+
+
 def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> Tensor:
-    if state.is_cuda and mamba_cuda.is_available():
+    if _on_mamba_cuda(state):
         return mamba_cuda.selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
@@ -109,11 +113,16 @@ def selective_state_update(
     mamba_ssm 2.3.2's contract (the argument since 2.2.3, negative indices as padding since
     2.2.6.post3). Where mamba_ssm leaves the result undefined (an index past the cache, two
     requests on one row), this raises ``ValueError``; checking the values costs a host sync on
-    CUDA.
+    CUDA. On CUDA with mamba_ssm >= 2.2.6.post3 the indices go to its kernel; otherwise the named
+    rows are gathered, stepped and written back.
     """
     _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if state_batch_indices is None:
         return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if _on_mamba_cuda(state) and mamba_cuda.takes_state_batch_indices():
+        return mamba_cuda.selective_state_update_cuda(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=state_batch_indices
+        )
 
     live = state_batch_indices >= 0
     out = torch.zeros_like(x)
