@@ -50,7 +50,7 @@ def test_every_variant_has_the_official_parameter_count(name):
 
 
 def test_native_resolutions_and_windows():
-    cfg = mv.default_cfgs
+    cfg = {name: c.default.to_dict() for name, c in mv.default_cfgs.items()}
     assert cfg["mambavision_l2_512_21k"]["input_size"] == (3, 512, 512)
     assert cfg["mambavision_l3_256_21k"]["input_size"] == (3, 256, 256)
     with torch.device("meta"):

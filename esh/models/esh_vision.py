@@ -28,7 +28,8 @@ from esh.layers.hybrid_block import HybridVisionBlock
 from esh.layers.mamba_init import init_dt_proj
 from esh.layers.padding import pad_to_multiple
 from esh.layers.vssm import BidirectionalVSSM
-from esh.models._checkpoint import download_weights, extract_state_dict, load_into, read_checkpoint, strip_prefix
+from esh.models._builder import build_model
+from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
 from esh.models._inputs import check_image_batch
 from esh.models._scripting import NotScriptable
 from esh.models.registry import register_model
@@ -340,7 +341,9 @@ class ESHVision(NotScriptable, nn.Module):
             x = feat
         if intermediates_only:
             return intermediates
-        return self.norm(x).permute(0, 3, 1, 2), intermediates
+        # the final norm is sized for the last stage: a stop_early run ending before it
+        # returns the last map it made, unnormalised
+        return (self.norm(x) if i == last else x).permute(0, 3, 1, 2), intermediates
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head=True):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -437,7 +440,6 @@ def load_checkpoint(model: ESHVision, path: str | os.PathLike, variant: str = "E
 
 def _cfg(**kwargs) -> dict:
     return {
-        "hf_hub_id": None,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -453,50 +455,36 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-_VARIANTS: dict[str, tuple[dict, dict]] = {
+default_cfgs = _timm.models.generate_default_cfgs(
+    {
+        "esh_vision_nano": _cfg(input_size=(3, 56, 56), pool_size=(2, 2)),
+        "esh_vision_tiny": _cfg(),
+        "esh_vision_small": _cfg(),
+        "esh_vision_base": _cfg(),
+    }
+)
+
+_ARCHS: dict[str, dict] = {
     # CPU-sized, the size of mambavision_nano, for the embedded 56x56 digits
-    "esh_vision_nano": (
-        dict(embed_dim=32, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8), img_size=56, drop_path_rate=0.0),
-        _cfg(input_size=(3, 56, 56), pool_size=(2, 2)),
-    ),
-    "esh_vision_tiny": (dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), _cfg()),
-    "esh_vision_small": (
-        dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
-        _cfg(),
-    ),
-    "esh_vision_base": (
-        dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
-        _cfg(),
-    ),
+    "esh_vision_nano": dict(embed_dim=32, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8), img_size=56, drop_path_rate=0.0),
+    "esh_vision_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "esh_vision_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "esh_vision_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
 }
 
 
 def _create_esh_vision(
-    variant: str,
-    pretrained: bool = False,
-    checkpoint_path: str | None = None,
-    features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
-    **kwargs,
+    variant: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs
 ) -> nn.Module:
-    args, cfg = _VARIANTS[variant]
-    kwargs.pop("cache_dir", None)
-    model = ESHVision(ESHVisionConfig(**args), **kwargs)
-    model.pretrained_cfg = model.default_cfg = {
-        **cfg,
-        "num_classes": model.num_classes,
-        "input_size": (model.in_chans, model.config.img_size, model.config.img_size),
-        "architecture": variant,
-    }
-    if pretrained and checkpoint_path is None:
-        checkpoint_path = download_weights(cfg, variant)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, variant)
-    if features_only:
-        from timm.models._features import FeatureGetterNet
-
-        return FeatureGetterNet(model, out_indices=tuple(out_indices))
-    return model
+    return build_model(
+        ESHVision,
+        variant,
+        pretrained,
+        checkpoint_path,
+        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+        **{**_ARCHS[variant], **kwargs},
+    )
 
 
 @register_model(timm=True)
@@ -521,6 +509,3 @@ def esh_vision_small(pretrained: bool = False, checkpoint_path: str | None = Non
 def esh_vision_base(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> ESHVision:
     """ESH-Vision base: dim 128, depths (2, 2, 18, 2), Swin-B / MambaVision-B sized."""
     return _create_esh_vision("esh_vision_base", pretrained, checkpoint_path, **kwargs)
-
-
-default_cfgs = {name: cfg for name, (_, cfg) in _VARIANTS.items()}

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from esh._compat import import_timm
 from esh.layers import Attention, MambaVisionMixer
 from esh.layers.padding import crop_to, pad_to_multiple
+from esh.models._builder import build_model
 from esh.models._checkpoint import (
     CheckpointError,
-    download_weights,
     extract_state_dict,
     load_into,
     read_checkpoint,
@@ -30,7 +30,7 @@ from esh.models._checkpoint import (
 )
 from esh.models._inputs import check_image_batch
 from esh.models._scripting import NotScriptable
-from esh.models.registry import register_variants
+from esh.models.registry import register_model
 
 _timm = import_timm()
 DropPath = _timm.layers.DropPath
@@ -336,11 +336,13 @@ class MambaVision(NotScriptable, nn.Module):
             if i in take_indices:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feat)
-            if level.downsample is not None:
+            if level.downsample is not None and i < len(levels) - 1:
                 x = level.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # the final norm is sized for the last stage: a stop_early run ending before it
+        # returns the last map it made, unnormalised
+        return (self.norm(x) if len(levels) - 1 == last else x), intermediates
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head=True):
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
@@ -400,7 +402,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MambaVision) -> dict[str, Tens
 def _guess_variant(state: dict[str, Tensor]) -> str | None:
     """Which released variant a mapped state dict fits, by key set and shapes."""
     with torch.device("meta"):
-        for name, (args, _) in _VARIANTS.items():
+        for name, args in _ARCHS.items():
             model = MambaVision(**args)
             own = model.state_dict()
             if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
@@ -419,11 +421,10 @@ def load_checkpoint(model: MambaVision, path: str | os.PathLike, variant: str = 
 
 
 # --- configurations -----------------------------------------------------------------------
-def _cfg(hf_hub_id: str | None, filename: str | None, **kwargs) -> dict:
+def _cfg(hf_hub_id: str | None = None, **kwargs) -> dict:
     return {
         "hf_hub_id": hf_hub_id,
-        "hf_hub_filename": "model.safetensors",
-        "official_filename": filename,
+        "hf_hub_filename": "model.safetensors" if hf_hub_id else None,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -435,9 +436,52 @@ def _cfg(hf_hub_id: str | None, filename: str | None, **kwargs) -> dict:
         "first_conv": "patch_embed.conv_down.0",
         "classifier": "head",
         "license": "CC-BY-NC-SA-4.0 (weights)",
+        "origin_url": "https://github.com/NVlabs/MambaVision",
+        "paper_ids": "arXiv:2407.08083",
         **kwargs,
     }
 
+
+_AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
+
+default_cfgs = _timm.models.generate_default_cfgs(
+    {
+        "mambavision_nano": _cfg(
+            input_size=(3, 56, 56),
+            pool_size=(2, 2),
+            license="esh configuration, no released weights",
+            origin_url=None,
+            paper_ids=None,
+        ),
+        "mambavision_t": _cfg("nvidia/MambaVision-T-1K"),
+        "mambavision_t2": _cfg("nvidia/MambaVision-T2-1K", crop_pct=0.98),
+        "mambavision_s": _cfg("nvidia/MambaVision-S-1K", crop_pct=0.93),
+        "mambavision_b": _cfg("nvidia/MambaVision-B-1K"),
+        "mambavision_l": _cfg("nvidia/MambaVision-L-1K"),
+        "mambavision_l2": _cfg("nvidia/MambaVision-L2-1K"),
+        "mambavision_b_21k": _cfg("nvidia/MambaVision-B-21K"),
+        "mambavision_l_21k": _cfg("nvidia/MambaVision-L-21K"),
+        "mambavision_l2_512_21k": _cfg("nvidia/MambaVision-L2-512-21K", **_AT_512),
+        "mambavision_l3_256_21k": _cfg("nvidia/MambaVision-L3-256-21K", input_size=(3, 256, 256), pool_size=(8, 8)),
+        "mambavision_l3_512_21k": _cfg("nvidia/MambaVision-L3-512-21K", **_AT_512),
+    }
+)
+
+# the authors' training files (the GitHub release's .pth.tar, which load unchanged), kept beside
+# the timm cfgs because timm's PretrainedCfg has no field for them
+official_filenames = {
+    "mambavision_t": "mambavision_tiny_1k.pth.tar",
+    "mambavision_t2": "mambavision_tiny2_1k.pth.tar",
+    "mambavision_s": "mambavision_small_1k.pth.tar",
+    "mambavision_b": "mambavision_base_1k.pth.tar",
+    "mambavision_l": "mambavision_large_1k.pth.tar",
+    "mambavision_l2": "mambavision_large2_1k.pth.tar",
+    "mambavision_b_21k": "mambavision_base_21k.pth.tar",
+    "mambavision_l_21k": "mambavision_large_21k.pth.tar",
+    "mambavision_l2_512_21k": "mambavision_L2_21k_240m_512.pth.tar",
+    "mambavision_l3_256_21k": "mambavision_L3_21k_740m_256.pth.tar",
+    "mambavision_l3_512_21k": "mambavision_L3_21k_740m_512.pth.tar",
+}
 
 # architectures (facts/mambavision.md table 1.1); the 21K models reuse the 1K ones' shapes
 _SMALL_HEADS = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(2, 4, 8, 16))
@@ -449,69 +493,109 @@ _B = dict(dim=128, in_dim=64, depths=(3, 3, 10, 5), drop_path_rate=0.3, layer_sc
 _L = dict(_B, dim=196, **_LARGE_HEADS)
 _L2 = dict(_L, depths=(3, 3, 12, 5))
 _L3 = dict(_L, dim=256, depths=(3, 3, 20, 10), drop_path_rate=0.5)
-_AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
 
-# not an official release: esh's CPU-sized configuration, the default model of `esh train`
-# (56x56 input: the stage-3/4 maps of 4x4 and 2x2 are each one window)
-_NANO = dict(
-    dim=32, in_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8), window_size=(8, 8, 4, 2), drop_path_rate=0.0
-)
-
-_VARIANTS: dict[str, tuple[dict, dict]] = {
-    "mambavision_nano": (
-        _NANO,
-        _cfg(None, None, input_size=(3, 56, 56), pool_size=(2, 2), license="esh configuration, no released weights"),
+_ARCHS: dict[str, dict] = {
+    # not an official release: esh's CPU-sized configuration, the default model of `esh train`
+    # (56x56 input: the stage-3/4 maps of 4x4 and 2x2 are each one window)
+    "mambavision_nano": dict(
+        dim=32, in_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8), window_size=(8, 8, 4, 2), drop_path_rate=0.0
     ),
-    "mambavision_t": (_T, _cfg("nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar")),
-    "mambavision_t2": (_T2, _cfg("nvidia/MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98)),
-    "mambavision_s": (_S, _cfg("nvidia/MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93)),
-    "mambavision_b": (_B, _cfg("nvidia/MambaVision-B-1K", "mambavision_base_1k.pth.tar")),
-    "mambavision_l": (_L, _cfg("nvidia/MambaVision-L-1K", "mambavision_large_1k.pth.tar")),
-    "mambavision_l2": (_L2, _cfg("nvidia/MambaVision-L2-1K", "mambavision_large2_1k.pth.tar")),
-    "mambavision_b_21k": (_B, _cfg("nvidia/MambaVision-B-21K", "mambavision_base_21k.pth.tar")),
-    "mambavision_l_21k": (_L, _cfg("nvidia/MambaVision-L-21K", "mambavision_large_21k.pth.tar")),
-    "mambavision_l2_512_21k": (
-        dict(_L2, window_size=(8, 8, 32, 16)),
-        _cfg("nvidia/MambaVision-L2-512-21K", "mambavision_L2_21k_240m_512.pth.tar", **_AT_512),
-    ),
-    "mambavision_l3_256_21k": (
-        dict(_L3, window_size=(8, 8, 16, 8)),
-        _cfg(
-            "nvidia/MambaVision-L3-256-21K",
-            "mambavision_L3_21k_740m_256.pth.tar",
-            input_size=(3, 256, 256),
-            pool_size=(8, 8),
-        ),
-    ),
-    "mambavision_l3_512_21k": (
-        dict(_L3, window_size=(8, 8, 32, 16)),
-        _cfg("nvidia/MambaVision-L3-512-21K", "mambavision_L3_21k_740m_512.pth.tar", **_AT_512),
-    ),
+    "mambavision_t": _T,
+    "mambavision_t2": _T2,
+    "mambavision_s": _S,
+    "mambavision_b": _B,
+    "mambavision_l": _L,
+    "mambavision_l2": _L2,
+    "mambavision_b_21k": _B,
+    "mambavision_l_21k": _L,
+    "mambavision_l2_512_21k": dict(_L2, window_size=(8, 8, 32, 16)),
+    "mambavision_l3_256_21k": dict(_L3, window_size=(8, 8, 16, 8)),
+    "mambavision_l3_512_21k": dict(_L3, window_size=(8, 8, 32, 16)),
 }
 
 
 def _create_mambavision(
-    variant: str,
-    pretrained: bool = False,
-    checkpoint_path: str | None = None,
-    features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
-    cache_dir: str | None = None,
-    **kwargs,
+    variant: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs
 ) -> nn.Module:
-    args, cfg = _VARIANTS[variant]
-    model = MambaVision(**{**args, **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": variant}
-    if pretrained and checkpoint_path is None:
-        checkpoint_path = download_weights(cfg, variant, cache_dir)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, variant)
-    if features_only:
-        from timm.models._features import FeatureGetterNet
-
-        return FeatureGetterNet(model, out_indices=tuple(out_indices))
-    return model
+    return build_model(
+        MambaVision,
+        variant,
+        pretrained,
+        checkpoint_path,
+        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+        official_filename=official_filenames.get(variant),
+        **{**_ARCHS[variant], **kwargs},
+    )
 
 
-globals().update(register_variants(__name__, _VARIANTS, _create_mambavision, "MambaVision"))
-default_cfgs = {name: cfg for name, (_, cfg) in _VARIANTS.items()}
+@register_model(timm=True)
+def mambavision_nano(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision nano: dim 32, depths (1, 1, 2, 2), 56x56 input; esh's CPU-sized model, no weights."""
+    return _create_mambavision("mambavision_nano", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_t(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-T: dim 80, depths (1, 3, 8, 4); IN-1K 82.3%."""
+    return _create_mambavision("mambavision_t", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_t2(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-T2: dim 80, depths (1, 3, 11, 4)."""
+    return _create_mambavision("mambavision_t2", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_s(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-S: dim 96, depths (3, 3, 7, 5)."""
+    return _create_mambavision("mambavision_s", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_b(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-B: dim 128, depths (3, 3, 10, 5), layer scale."""
+    return _create_mambavision("mambavision_b", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L: dim 196, depths (3, 3, 10, 5), layer scale."""
+    return _create_mambavision("mambavision_l", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l2(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L2: dim 196, depths (3, 3, 12, 5), layer scale."""
+    return _create_mambavision("mambavision_l2", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_b_21k(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-B pre-trained on ImageNet-21K, fine-tuned on 1K."""
+    return _create_mambavision("mambavision_b_21k", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l_21k(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L pre-trained on ImageNet-21K, fine-tuned on 1K."""
+    return _create_mambavision("mambavision_l_21k", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l2_512_21k(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L2 from ImageNet-21K at 512x512 (windows 32 and 16 in stages 3 and 4)."""
+    return _create_mambavision("mambavision_l2_512_21k", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l3_256_21k(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L3 (dim 256, depths (3, 3, 20, 10)) from ImageNet-21K at 256x256."""
+    return _create_mambavision("mambavision_l3_256_21k", pretrained, checkpoint_path, **kwargs)
+
+
+@register_model(timm=True)
+def mambavision_l3_512_21k(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> MambaVision:
+    """MambaVision-L3 (dim 256, depths (3, 3, 20, 10)) from ImageNet-21K at 512x512."""
+    return _create_mambavision("mambavision_l3_512_21k", pretrained, checkpoint_path, **kwargs)

@@ -4,7 +4,9 @@ A builder is a function ``fn(pretrained=False, checkpoint_path=None, **kwargs) -
 named after the model it builds. It loads the weights itself, because the right key mapping
 (and for some families the architecture: Vim's stride, say) depends on the checkpoint.
 Builders registered with ``timm=True`` are also registered with timm when timm imports, so
-``timm.create_model(name)`` builds the same network.
+``timm.create_model(name)`` builds the same network; timm takes the model's pretrained cfg from
+the ``default_cfgs`` of the builder's module at that moment, so a model file defines
+``default_cfgs`` above its builders, as timm's own model files do.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ def _register_with_timm(builder: Callable[..., nn.Module]) -> None:
 
     @functools.wraps(builder)
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        # timm passes its own config objects; esh builders carry their pretrained_cfg themselves
-        kwargs.pop("pretrained_cfg", None)
-        kwargs.pop("pretrained_cfg_overlay", None)
-        if kwargs.get("cache_dir", "") is None:
-            del kwargs["cache_dir"]
+        # timm.create_model always passes pretrained_cfg, pretrained_cfg_overlay and cache_dir;
+        # a builder sees them only when they were set (builders without a cfg need not take them)
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            if kwargs.get(key, "") is None:
+                del kwargs[key]
         return builder(pretrained=pretrained, **kwargs)
 
     if builder.__name__ not in timm_registry._model_entrypoints:
@@ -70,12 +72,8 @@ def _unregister(name: str) -> None:
         from esh._compat import import_timm
 
         reg = import_timm().models._registry
+        reg._clear_model_entries(name)
         reg._model_entrypoints.pop(name, None)
-        module = reg._model_to_module.pop(name, None)
-        if module is not None:
-            reg._module_to_models[module].discard(name)
-        reg._model_pretrained_cfgs.pop(name, None)
-        reg._model_has_pretrained.discard(name)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -115,19 +113,3 @@ def create_model(
             f"unknown model {name!r}{hint} ({len(_builders)} models are registered: see esh.list_models())"
         )
     return builder(pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
-
-
-def register_variants(module_name: str, variants: dict, create: Callable[..., nn.Module], family: str) -> dict:
-    """Register one builder per variant name (``create(variant, pretrained, checkpoint_path,
-    **kwargs)`` does the work), esh's and timm's; returns the builders by name."""
-    builders = {}
-    for variant, (args, _cfg) in variants.items():
-
-        def builder(pretrained: bool = False, checkpoint_path: str | None = None, _v=variant, **kwargs) -> nn.Module:
-            return create(_v, pretrained, checkpoint_path, **kwargs)
-
-        builder.__name__ = builder.__qualname__ = variant
-        builder.__module__ = module_name
-        builder.__doc__ = f"{family} {variant}: {args}"
-        builders[variant] = register_model(builder, timm=True)
-    return builders

@@ -13,27 +13,28 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh._compat import import_timm
 from esh.layers import BiMambaMixer
+from esh.models._builder import build_model
 from esh.models._checkpoint import (
     CheckpointError,
-    download_weights,
     extract_state_dict,
     load_into,
     read_checkpoint,
     strip_prefix,
 )
+from esh.models._inputs import check_image_batch
 from esh.models._scripting import NotScriptable
-from esh.models.registry import register_variants
+from esh.models.registry import register_model
 
 _timm = import_timm()
 DropPath = _timm.layers.DropPath
 trunc_normal_ = _timm.layers.trunc_normal_
-register_notrace_function = _timm.layers.register_notrace_function
 feature_take_indices = _timm.models._features.feature_take_indices
+register_notrace_function = _timm.layers.register_notrace_function
+resample_abs_pos_embed = _timm.layers.resample_abs_pos_embed
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "resize_pos_embed"]
 
@@ -66,16 +67,21 @@ class Block(nn.Module):
 
 
 @register_notrace_function  # torch.fx calls it (it branches on the input's shape) and keeps it in graphs
-def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int]) -> Tensor:
-    """``x`` must be a (batch, in_chans, *img_size) tensor, the size the position embedding
-    was built for; returns ``x``."""
+def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int], patch_size: int, dynamic: bool) -> Tensor:
+    """``x`` must be a (batch, in_chans, *img_size) tensor, the size the position embedding was
+    built for, or with ``dynamic`` any image batch of at least one patch; returns ``x``."""
+    if dynamic:
+        check_image_batch(x, in_chans, "Vim")
+        if min(x.shape[-2:]) < patch_size:
+            raise ValueError(f"Vim needs images of at least one {patch_size}x{patch_size} patch; got {tuple(x.shape)}")
+        return x
     want = (in_chans, *img_size)
     if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
             f"this Vim was built for inputs (batch, {want[0]}, {want[1]}, {want[2]}); got {got}. "
             f"Build it for another size with create_model(..., img_size=...): checkpoints' "
-            f"position embeddings are resized on load"
+            f"position embeddings are resized on load; or with dynamic_img_size=True for any size"
         )
     return x
 
@@ -94,11 +100,16 @@ class VisionMamba(NotScriptable, nn.Module):
         drop_path_rate: float = 0.0,
         norm_epsilon: float = 1e-5,
         global_pool: str = "token",
+        dynamic_img_size: bool = False,
     ):
         super().__init__()
+        _check_global_pool(global_pool)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size, self.stride, self.in_chans = patch_size, stride, in_chans
         self.num_classes, self.global_pool = num_classes, global_pool
+        # False: inputs must be img_size (the official model); True: any size of at least one
+        # patch, with pos_embed resized to the input's grid on the fly
+        self.dynamic_img_size = dynamic_img_size
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grid = tuple((s - patch_size) // stride + 1 for s in self.img_size)
         if min(self.grid) < 1:
@@ -149,22 +160,39 @@ class VisionMamba(NotScriptable, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> Tensor:
-        return check_vim_input(x, self.in_chans, self.img_size)
+        return check_vim_input(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, M, D), raster order
+        x = self.patch_embed.proj(x)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, M, D), raster order
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        p = self.token_position
-        return torch.cat([x[:, :p], cls, x[:, p:]], dim=1) + self.pos_embed
+        p, pos_embed = self.token_position, self.pos_embed
+        if self.dynamic_img_size:  # the class token goes to the middle of this input's grid
+            p = grid[0] * grid[1] // 2
+            pos_embed = resize_pos_embed(pos_embed, self.grid, (grid[0], grid[1]))
+        return torch.cat([x[:, :p], cls, x[:, p:]], dim=1) + pos_embed
 
-    def _blocks(self, x: Tensor, indices: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+    def _grid_of(self, x: Tensor) -> tuple[int, int]:
+        """The patch grid of an input image batch."""
+        if not self.dynamic_img_size:
+            return self.grid
+        return ((x.shape[-2] - self.patch_size) // self.stride + 1, (x.shape[-1] - self.patch_size) // self.stride + 1)
+
+    def _blocks(
+        self, x: Tensor, indices: Sequence[int] = (), stop_after: int | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run the blocks (up to block ``stop_after``), then the final norm; also returns the
+        stream after each block in ``indices``."""
+        layers = self.layers if stop_after is None else self.layers[: stop_after + 1]
         hidden, residual, taken = x, None, []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
@@ -179,7 +207,11 @@ class VisionMamba(NotScriptable, nn.Module):
         return self._blocks(self._embed(x))[0]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x[:, self.token_position] if self.global_pool == "token" else x.mean(1)
+        if self.global_pool == "token":
+            # the class token is entry M // 2 of the M + 1 tokens, whatever the grid
+            x = x[:, (x.shape[1] - 1) // 2] if self.dynamic_img_size else x[:, self.token_position]
+        elif self.global_pool == "avg":
+            x = x.mean(1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,40 +226,67 @@ class VisionMamba(NotScriptable, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """Per-block patch maps (the residual stream after each block, class token removed)."""
+        """Per-block patch maps: the residual stream after each block in ``indices`` (an int n:
+        the last n blocks), class token removed; ``norm`` applies the final RMSNorm to them.
+        With ``stop_early`` (or ``intermediates_only``) no block after the last one asked for
+        runs, and the final tokens returned are the normalised stream at that block."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
-        take, _ = feature_take_indices(len(self.layers), indices)
-        final, taken = self._blocks(self._embed(x), take)
-        p = self.token_position
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        grid = self._grid_of(x)
+        stop = max_index if stop_early or intermediates_only else None
+        final, taken = self._blocks(self._embed(x), take, stop)
+        p = grid[0] * grid[1] // 2
         out = []
         for t in taken:
             t = self.norm_f(t).to(x.dtype) if norm else t.to(x.dtype)
             t = torch.cat([t[:, :p], t[:, p + 1 :]], dim=1)
             if output_fmt == "NCHW":
-                t = t.transpose(1, 2).reshape(t.shape[0], -1, *self.grid)
+                t = t.transpose(1, 2).reshape(t.shape[0], -1, *grid)
             out.append(t)
         return out if intermediates_only else (final, out)
 
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the head) for a
+        feature extractor; returns the block indices to take."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("token", "avg", ""):
+        raise ValueError(
+            f"global_pool must be 'token' (the class token), 'avg' (mean of all tokens) or '' (no pooling); "
+            f"got {global_pool!r}"
+        )
+
 
 # --- official weights ---------------------------------------------------------------------
+@torch.fx.wrap
+@register_notrace_function
 def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
     """Resize a middle-class-token position embedding (1, M + 1, D) to another patch grid.
 
     The class token's entry is taken out at index M // 2, the patch entries are resized as a
-    grid (bicubic, align_corners=False) and the class entry is put back at the new M' // 2.
-    (The authors' own fine-tuning script treated entry 0 as the extra token instead; the
-    released "+" checkpoints were made that way and are loaded as they are, not resized.)
+    grid (timm's ``resample_abs_pos_embed``: bicubic, align_corners=False, no antialiasing)
+    and the class entry is put back at the new M' // 2. Used on load and, with
+    ``dynamic_img_size``, on every forward. (The authors' own fine-tuning script treated entry
+    0 as the extra token instead; the released "+" checkpoints were made that way and are
+    loaded as they are, not resized.)
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    m = old_grid[0] * old_grid[1]
-    p = m // 2
+    p = old_grid[0] * old_grid[1] // 2
     cls = pos_embed[:, p : p + 1]
     grid = torch.cat([pos_embed[:, :p], pos_embed[:, p + 1 :]], dim=1)
-    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
+    grid = resample_abs_pos_embed(grid, list(new_grid), list(old_grid), num_prefix_tokens=0, antialias=False)
     q = grid.shape[1] // 2
     return torch.cat([grid[:, :q], cls, grid[:, q:]], dim=1)
 
@@ -248,6 +307,11 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionMamba, use_ema: bool = F
     return state
 
 
+def load_checkpoint(model: VisionMamba, path: str, variant: str = "Vim", ema: bool = False) -> None:
+    """Load an official ``.pth`` (``ema=True``: its ``model_ema`` weights) or a state dict."""
+    load_into(model, checkpoint_filter_fn(read_checkpoint(path), model, use_ema=ema), variant)
+
+
 def _checkpoint_stride(path: str, img_size: int, patch: int = 16) -> int | None:
     """Stride 16 or 8, read from the checkpoint's pos_embed length (197 vs 730 at 224)."""
     obj = read_checkpoint(path)
@@ -262,12 +326,20 @@ def _checkpoint_stride(path: str, img_size: int, patch: int = 16) -> int | None:
     return None
 
 
-def _cfg(hf_hub_id: str | None, filename: str | None, **kwargs) -> dict:
+def _stride_from_checkpoint(path: str, model_kwargs: dict) -> dict:
+    """A "+" file builds the stride-8 model, whichever name it is loaded under."""
+    img = model_kwargs.get("img_size", 224)
+    stride = _checkpoint_stride(path, img if isinstance(img, int) else img[0])
+    return model_kwargs if stride is None else {**model_kwargs, "stride": stride}
+
+
+def _cfg(hf_hub_id: str, filename: str, **kwargs) -> dict:
     return {
         "hf_hub_id": hf_hub_id,
         "hf_hub_filename": filename,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        "fixed_input_size": True,  # unless built with dynamic_img_size=True
         "crop_pct": 0.875,
         "crop_mode": "center",
         "interpolation": "bicubic",
@@ -275,46 +347,65 @@ def _cfg(hf_hub_id: str | None, filename: str | None, **kwargs) -> dict:
         "std": (0.229, 0.224, 0.225),
         "first_conv": "patch_embed.proj",
         "classifier": "head",
+        "origin_url": "https://github.com/hustvl/Vim",
+        "paper_ids": "arXiv:2401.09417",
         **kwargs,
     }
 
 
-_VARIANTS = {
-    "vim_tiny": (dict(embed_dim=192), _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth")),
-    "vim_tiny_s8": (dict(embed_dim=192, stride=8), _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth")),
-    "vim_small": (dict(embed_dim=384), _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")),
-    "vim_small_s8": (
-        dict(embed_dim=384, stride=8),
-        _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth"),
-    ),
-    # the base file's name was not seen (facts/vim.md); by analogy with the others
-    "vim_base": (dict(embed_dim=768), _cfg("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")),
-}
-
-
-def _create_vim(variant: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
-    args, cfg = _VARIANTS[variant]
-    ema = kwargs.pop("ema", False)
-    cache_dir = kwargs.pop("cache_dir", None)
-    if pretrained and checkpoint_path is None:
-        checkpoint_path = download_weights(cfg, variant, cache_dir)
-    args = {**args, **kwargs}
-    if checkpoint_path is not None and "stride" not in kwargs:
-        img = args.get("img_size", 224)
-        stride = _checkpoint_stride(checkpoint_path, img if isinstance(img, int) else img[0])
-        if stride is not None:
-            args["stride"] = stride  # a "+" file builds the stride-8 model
-    model = VisionMamba(**args)
-    model.pretrained_cfg = model.default_cfg = {
-        **cfg,
-        "architecture": variant,
-        "input_size": (3, *model.img_size),
+default_cfgs = _timm.models.generate_default_cfgs(
+    {
+        "vim_tiny": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+        "vim_tiny_s8": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth"),
+        "vim_small": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+        "vim_small_s8": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth"),
+        # the base file's name was not seen (facts/vim.md); by analogy with the others
+        "vim_base": _cfg("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth"),
     }
-    if checkpoint_path is not None:
-        state = checkpoint_filter_fn(read_checkpoint(checkpoint_path), model, use_ema=ema)
-        load_into(model, state, variant)
-    return model
+)
 
 
-globals().update(register_variants(__name__, _VARIANTS, _create_vim, "Vision Mamba"))
-default_cfgs = {name: cfg for name, (_, cfg) in _VARIANTS.items()}
+def _create_vim(
+    variant: str, pretrained: bool = False, checkpoint_path: str | None = None, ema: bool = False, **kwargs
+) -> nn.Module:
+    return build_model(
+        VisionMamba,
+        variant,
+        pretrained,
+        checkpoint_path,
+        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant, ema=ema),
+        # the caller's stride wins over the checkpoint's
+        checkpoint_args=None if "stride" in kwargs else _stride_from_checkpoint,
+        feature_cfg=dict(out_indices=3),  # the last three blocks, as timm's ViTs
+        **kwargs,
+    )
+
+
+@register_model(timm=True)
+def vim_tiny(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
+    """Vim-tiny: 24 blocks of width 192, patch 16 stride 16 (197 tokens); IN-1K 76.1%."""
+    return _create_vim("vim_tiny", pretrained, checkpoint_path, **dict(embed_dim=192, **kwargs))
+
+
+@register_model(timm=True)
+def vim_tiny_s8(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
+    """Vim-tiny+: Vim-tiny with the patch conv at stride 8 (730 tokens); IN-1K 78.3%."""
+    return _create_vim("vim_tiny_s8", pretrained, checkpoint_path, **dict(embed_dim=192, stride=8, **kwargs))
+
+
+@register_model(timm=True)
+def vim_small(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
+    """Vim-small: 24 blocks of width 384, stride 16; IN-1K 80.5%."""
+    return _create_vim("vim_small", pretrained, checkpoint_path, **dict(embed_dim=384, **kwargs))
+
+
+@register_model(timm=True)
+def vim_small_s8(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
+    """Vim-small+: Vim-small with the patch conv at stride 8; IN-1K 81.6%."""
+    return _create_vim("vim_small_s8", pretrained, checkpoint_path, **dict(embed_dim=384, stride=8, **kwargs))
+
+
+@register_model(timm=True)
+def vim_base(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
+    """Vim-base: 24 blocks of width 768, stride 16; IN-1K 81.9%."""
+    return _create_vim("vim_base", pretrained, checkpoint_path, **dict(embed_dim=768, **kwargs))
