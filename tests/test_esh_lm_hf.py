@@ -20,15 +20,7 @@ from transformers.cache_utils import DynamicCache, LinearAttentionAndFullAttenti
 from esh.models.esh_lm import ESHConfig, ESHModel  # noqa: E402
 from esh.models.hf_esh import CACHE_FIELD, ESHForCausalLM, ESHHFConfig  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy machine the threads' spin-waits
-    cost seconds per test; one thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(seed: int = 0) -> tuple[ESHModel, ESHForCausalLM]:

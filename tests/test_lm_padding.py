@@ -14,12 +14,7 @@ LENGTHS = (7, 3, 5)
 WIDTH = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **kw) -> ESHModel:
@@ -42,21 +37,19 @@ def _pad(prompts: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _real(side: str, n: int) -> slice:
-    return slice(WIDTH - n, WIDTH) if side == "left" else slice(0, n)
+@torch.no_grad()
+def _assert_each_row_gives_its_own_logits(model, prompts: list[torch.Tensor], side: str) -> None:
+    ids, mask = _pad(prompts, side)
+    padded = model(ids, attention_mask=mask).logits
+    for i, p in enumerate(prompts):
+        real = slice(WIDTH - len(p), WIDTH) if side == "left" else slice(0, len(p))
+        torch.testing.assert_close(padded[i, real], model(p[None]).logits[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ssm_type", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_forward_gives_each_rows_own_logits(side, ssm_type):
-    model = _model(ssm_type=ssm_type)
-    prompts = _prompts()
-    ids, mask = _pad(prompts, side)
-    with torch.no_grad():
-        padded = model(ids, attention_mask=mask).logits
-        for i, p in enumerate(prompts):
-            alone = model(p[None]).logits[0]
-            torch.testing.assert_close(padded[i, _real(side, len(p))], alone, rtol=1e-5, atol=1e-5)
+    _assert_each_row_gives_its_own_logits(_model(ssm_type=ssm_type), _prompts(), side)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -105,14 +98,8 @@ def test_a_padded_decode_token_leaves_the_states_unchanged():
 def test_mamba_lm_padded_forward_gives_each_rows_own_logits():
     torch.manual_seed(0)
     model = MambaLM(97, 32, 2).eval()
-    prompts = _prompts(4)
     for side in ("left", "right"):
-        ids, mask = _pad(prompts, side)
-        with torch.no_grad():
-            padded = model(ids, attention_mask=mask).logits
-            for i, p in enumerate(prompts):
-                alone = model(p[None]).logits[0]
-                torch.testing.assert_close(padded[i, _real(side, len(p))], alone, rtol=1e-5, atol=1e-5)
+        _assert_each_row_gives_its_own_logits(model, _prompts(4), side)
 
 
 def test_padding_takes_no_moe_capacity_and_no_part_in_its_losses():

@@ -21,14 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODEL = "esh_vision_nano"  # 6 blocks in 4 stages, 56x56 input
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: a second thread only adds synchronisation, which costs seconds per forward
-    # on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
