@@ -17,17 +17,19 @@ VISION_MODELS = [n for n in esh.list_models() if n.startswith(("mambavision", "v
 # (MambaVision's windows, ESH-Vision's patches, merges and windows) or a non-square grid
 SMALL_MODELS = [
     ("mambavision_nano", {}, [(56, 56), (72, 72), (40, 88)]),
-    ("vim_tiny", dict(img_size=32), [(32, 32)]),
-    ("vim_tiny_s8", dict(img_size=(32, 48)), [(32, 48)]),
+    ("vim_tiny", dict(img_size=32, depth=4), [(32, 32)]),
+    ("vim_tiny_s8", dict(img_size=(32, 48), depth=4), [(32, 48)]),
+    ("vim_tiny", dict(img_size=32, depth=4, dynamic_img_size=True), [(32, 32), (48, 64), (16, 40)]),
     ("esh_vision_nano", {}, [(56, 56), (50, 38)]),
 ]
+SMALL_MODEL_IDS = ["mambavision_nano", "vim_tiny", "vim_tiny_s8", "vim_tiny_dynamic_img_size", "esh_vision_nano"]
 
 
 def traced(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward as a GraphModule, as timm's FX tests build it: timm's leaf modules and
-    autowrapped functions, the last node of the eval graph as the output."""
-    _, eval_nodes = get_graph_node_names(model)
-    return create_feature_extractor(model, {eval_nodes[-1]: "out"})
+    autowrapped functions, the last node of the graph (the classifier, see the test below) as
+    the output."""
+    return create_feature_extractor(model, {"head": "out"})
 
 
 @pytest.mark.parametrize("name", VISION_MODELS)
@@ -44,7 +46,7 @@ def test_every_family_is_tested_for_values():
     assert families == {name.split("_")[0] for name, _, _ in SMALL_MODELS} == {"mambavision", "vim", "esh"}
 
 
-@pytest.mark.parametrize("name, overrides, sizes", SMALL_MODELS, ids=[c[0] for c in SMALL_MODELS])
+@pytest.mark.parametrize("name, overrides, sizes", SMALL_MODELS, ids=SMALL_MODEL_IDS)
 def test_traced_graph_equals_eager_at_every_size(name, overrides, sizes):
     model = esh.create_model(name, **overrides).eval()
     graph = traced(model)  # traced once: sizes stay symbolic, padding is decided per call
