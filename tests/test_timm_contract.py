@@ -397,6 +397,14 @@ def test_timm_pretrained_with_a_cfg_file_loads_through_esh(tmp_path):
     assert torch.equal(model.head.weight, src.head.weight)
 
 
+def test_variant_arguments_can_be_overridden_and_the_file_decides_the_stride(tmp_path):
+    with torch.device("meta"):
+        assert timm.create_model("vim_tiny_s8", stride=16, embed_dim=64).stride == 16
+    _official_vim_file(tmp_path / "plain.pth", _small("vim_tiny"))
+    model = esh.create_model("vim_tiny_s8", **SMALL["vim_tiny"][0], checkpoint_path=str(tmp_path / "plain.pth"))
+    assert model.stride == 16 and model.pos_embed.shape[1] == 5
+
+
 def test_offline_mambavision_error_names_the_official_training_file(tmp_path, monkeypatch):
     import huggingface_hub
 

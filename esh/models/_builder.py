@@ -54,7 +54,7 @@ def build_model(
         official_filename: the authors' own training file, named in the offline error.
         **kwargs: model arguments, and timm's ``features_only``/``out_indices``/``feature_cls``.
     """
-    feature_cfg = {"feature_cls": "getter", **(feature_cfg or {}), **kwargs.pop("feature_cfg", {})}
+    feature_cfg = {"feature_cls": "getter", **(feature_cfg or {}), **(kwargs.pop("feature_cfg", None) or {})}
     if "feature_cls" in kwargs:
         feature_cfg["feature_cls"] = kwargs.pop("feature_cls")
     feature_cls = feature_cfg["feature_cls"]

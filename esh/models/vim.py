@@ -366,7 +366,12 @@ default_cfgs = _timm.models.generate_default_cfgs(
 
 
 def _create_vim(
-    variant: str, pretrained: bool = False, checkpoint_path: str | None = None, ema: bool = False, **kwargs
+    variant: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    model_args: dict | None = None,
+    ema: bool = False,
+    **kwargs,
 ) -> nn.Module:
     return build_model(
         VisionMamba,
@@ -374,38 +379,38 @@ def _create_vim(
         pretrained,
         checkpoint_path,
         load_checkpoint=lambda model, path: load_checkpoint(model, path, variant, ema=ema),
-        # the caller's stride wins over the checkpoint's
+        # the caller's stride wins over the checkpoint's, the checkpoint's over the variant's
         checkpoint_args=None if "stride" in kwargs else _stride_from_checkpoint,
         feature_cfg=dict(out_indices=3),  # the last three blocks, as timm's ViTs
-        **kwargs,
+        **{**(model_args or {}), **kwargs},
     )
 
 
 @register_model(timm=True)
 def vim_tiny(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
     """Vim-tiny: 24 blocks of width 192, patch 16 stride 16 (197 tokens); IN-1K 76.1%."""
-    return _create_vim("vim_tiny", pretrained, checkpoint_path, **dict(embed_dim=192, **kwargs))
+    return _create_vim("vim_tiny", pretrained, checkpoint_path, dict(embed_dim=192), **kwargs)
 
 
 @register_model(timm=True)
 def vim_tiny_s8(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
     """Vim-tiny+: Vim-tiny with the patch conv at stride 8 (730 tokens); IN-1K 78.3%."""
-    return _create_vim("vim_tiny_s8", pretrained, checkpoint_path, **dict(embed_dim=192, stride=8, **kwargs))
+    return _create_vim("vim_tiny_s8", pretrained, checkpoint_path, dict(embed_dim=192, stride=8), **kwargs)
 
 
 @register_model(timm=True)
 def vim_small(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
     """Vim-small: 24 blocks of width 384, stride 16; IN-1K 80.5%."""
-    return _create_vim("vim_small", pretrained, checkpoint_path, **dict(embed_dim=384, **kwargs))
+    return _create_vim("vim_small", pretrained, checkpoint_path, dict(embed_dim=384), **kwargs)
 
 
 @register_model(timm=True)
 def vim_small_s8(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
     """Vim-small+: Vim-small with the patch conv at stride 8; IN-1K 81.6%."""
-    return _create_vim("vim_small_s8", pretrained, checkpoint_path, **dict(embed_dim=384, stride=8, **kwargs))
+    return _create_vim("vim_small_s8", pretrained, checkpoint_path, dict(embed_dim=384, stride=8), **kwargs)
 
 
 @register_model(timm=True)
 def vim_base(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> VisionMamba:
     """Vim-base: 24 blocks of width 768, stride 16; IN-1K 81.9%."""
-    return _create_vim("vim_base", pretrained, checkpoint_path, **dict(embed_dim=768, **kwargs))
+    return _create_vim("vim_base", pretrained, checkpoint_path, dict(embed_dim=768), **kwargs)
