@@ -82,3 +82,33 @@ def test_alignment_benchmark_runs_each_metric_in_its_own_process(capsys):
     assert [r["metric"] for r in rows] == ["mknn", "cknna", "cka"]
     assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 and 0 <= r["value"] <= 1 for r in rows)
     assert "| cknna |" in capsys.readouterr().out
+
+
+def test_device_benchmark_table_runs_anywhere_and_checks_every_gradient(capsys):
+    from esh.bench import selective_scan_device as dev
+
+    rows = dev.run({"tiny": (1, 4, 6, 2)}, device="cpu", methods=["chunked"], dtypes=(torch.float32,), repeats=3)
+    fwd, fwd_bwd = rows
+    assert (fwd.pass_name, fwd_bwd.pass_name) == ("fwd", "fwd+bwd")
+    assert fwd.p10_s <= fwd.median_s <= fwd.p90_s and fwd.gb_per_s > 0 and fwd.copy_share > 0
+    assert fwd.speedup_vs_chunked == 1.0 and fwd.vs_mamba_ssm is None  # no mamba_ssm here
+    assert fwd.max_error < 1e-5 and fwd_bwd.max_error < 1e-5  # against the float64 loop
+    assert fwd_bwd.worst_error_of in {"d" + n for n in dev.GRAD_NAMES}
+    assert "| tiny (1, 4, 6, 2) | float32 | chunked | fwd+bwd |" in capsys.readouterr().out
+
+
+def test_minimal_bytes_count_each_tensor_once():
+    from esh.bench.selective_scan_device import minimal_bytes
+
+    # batch 2, dim 3, L 5, N 4: (batch, dim, L) = 30 elements, (batch, N, L) = 40
+    assert minimal_bytes((2, 3, 5, 4), torch.float32, backward=False) == 4 * (4 * 30 + 2 * 40)
+    assert minimal_bytes((2, 3, 5, 4), torch.bfloat16, backward=True) == 2 * (11 * 30 + 6 * 40)
+
+
+def test_an_unknown_device_is_a_clear_error():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(ValueError, match="--device must be cpu or a torch device"):
+        bench.main_from_args(parser.parse_args(["--quick", "--device", "bogus"]))

@@ -269,13 +269,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2; 0 = leave as is)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (this table) or an accelerator such as cuda: every backend that runs there, float32 and "
+        "bfloat16, against chunked, mamba_ssm and the copy bandwidth (esh.bench.selective_scan_device)",
+    )
 
 
-def main_from_args(args: argparse.Namespace) -> list[Row]:
+def main_from_args(args: argparse.Namespace) -> list:
     if args.shape:
         shapes = {f"custom{i}": s for i, s in enumerate(args.shape)}
     else:
         shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.device != "cpu":
+        from esh.bench import selective_scan_device
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(
+                f"--device must be cpu or a torch device such as cuda or cuda:1; got {args.device!r}"
+            ) from e
+        return selective_scan_device.run(shapes, device, repeats=max(args.repeats, 10))
     return run(shapes, args.methods, args.threads or None, args.repeats, not args.no_memory)
 
 
