@@ -311,3 +311,78 @@ def test_the_index_pass_through_needs_mamba_ssm_2_2_6_post3(monkeypatch, install
         assert mamba_cuda.takes_state_batch_indices() is takes
     finally:
         mamba_cuda.takes_state_batch_indices.cache_clear()
+
+
+# backend=: which implementation runs the step
+
+
+def test_an_unknown_step_backend_is_a_value_error_naming_where_it_came_from(monkeypatch):
+    args = _cache_step_inputs(heads=False, cache_rows=3)
+    with pytest.raises(ValueError, match=r"unknown backend 'fast' \(from backend=\)"):
+        selective_state_update(**args, backend="fast")
+    monkeypatch.setenv("ESH_SCAN_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"unknown backend 'fast' \(from ESH_SCAN_BACKEND\)"):
+        selective_state_update(**args)
+
+
+@pytest.mark.parametrize("name", ["chunked", "cpu", "reference"])
+def test_the_scan_backend_names_chunked_and_cpu_mean_the_reference_step(monkeypatch, name):
+    from esh.ops.selective_scan import use_backend
+
+    args = _cache_step_inputs(heads=True, cache_rows=3)
+    expected_state = args["state"].clone()
+    expected = selective_state_update_reference(**{**args, "state": expected_state})
+    calls = _fake_mamba_cuda(monkeypatch, takes_indices=True)  # the default would take mamba_ssm's kernel
+    monkeypatch.setenv("ESH_SCAN_BACKEND", name)
+    assert torch.equal(selective_state_update(**args), expected)
+    with use_backend(name):
+        selective_state_update(**{**args, "state": args["state"].clone()})
+    assert calls == []
+    assert torch.equal(args["state"], expected_state)
+
+
+def test_the_triton_step_on_cpu_tensors_without_the_interpreter_is_unavailable(monkeypatch):
+    pytest.importorskip("triton")
+    from esh.ops.selective_scan import BackendUnavailableError, triton_state_update
+
+    monkeypatch.setattr(triton_state_update, "_interpreted", lambda: False)
+    args = _cache_step_inputs(heads=False, cache_rows=3)
+    before = args["state"].clone()
+    with pytest.raises(BackendUnavailableError, match=r"only in Triton's interpreter \(TRITON_INTERPRET=1 set before"):
+        selective_state_update(**args, backend="triton")
+    assert torch.equal(args["state"], before)
+
+
+def test_the_triton_step_without_triton_is_unavailable(monkeypatch):
+    from esh.ops.selective_scan import BackendUnavailableError, triton_state_update
+
+    monkeypatch.setattr(triton_state_update, "triton", None)
+    args = _cache_step_inputs(heads=False, cache_rows=3)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' needs the triton package"):
+        selective_state_update(**args, backend="triton")
+
+
+def test_the_mamba_ssm_step_on_cpu_tensors_is_unavailable():
+    from esh.ops.selective_scan import BackendUnavailableError
+
+    args = _cache_step_inputs(heads=False, cache_rows=3)
+    with pytest.raises(
+        BackendUnavailableError, match=r"backend 'cuda' (needs the mamba-ssm package|runs only on CUDA)"
+    ):
+        selective_state_update(**args, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "mamba_ssm, triton, expected", [(True, True, "cuda"), (False, True, "triton"), (False, False, "reference")]
+)
+def test_the_default_step_on_cuda_is_mamba_ssm_then_triton_then_the_reference(monkeypatch, mamba_ssm, triton, expected):
+    from types import SimpleNamespace
+
+    from esh.ops.selective_scan import mamba_cuda, state_update, triton_state_update
+
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    monkeypatch.setattr(mamba_cuda, "is_available", lambda: mamba_ssm)
+    monkeypatch.setattr(triton_state_update, "is_available", lambda: triton)
+    cuda_state = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    assert state_update._resolve(None, cuda_state) == expected
+    assert state_update._resolve(None, torch.zeros(1)) == "reference"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from . import mamba_cuda
+from . import mamba_cuda, triton_state_update
 from ._checks import check_same_device
 from .reference import selective_state_update_reference
+
+BACKENDS = ("reference", "triton", "cuda")
+# selective_scan's names (ESH_SCAN_BACKEND, use_backend) for its PyTorch and C paths: the step has one
+_SCAN_BACKENDS_AS_REFERENCE = ("chunked", "cpu")
 
 
 def _expect(name: str, t: Tensor | None, shape: tuple, what: str) -> None:
@@ -79,10 +85,39 @@ def _on_mamba_cuda(state: Tensor) -> bool:
     return state.is_cuda and mamba_cuda.is_available()
 
 
-def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> Tensor:
-    if _on_mamba_cuda(state):
-        return mamba_cuda.selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+def _resolve(backend: str | None, state: Tensor) -> str:
+    """The argument, else ``use_backend``'s, else ``$ESH_SCAN_BACKEND``, else mamba_ssm's kernel
+    for CUDA tensors when installed, else Triton's for CUDA tensors, else the reference step."""
+    from . import ENV_VAR, BackendUnavailableError, _forced  # the package imports this module
+
+    source = "backend="
+    if backend is None:
+        backend, source = _forced.get(), "use_backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    if backend is None:
+        if _on_mamba_cuda(state):
+            return "cuda"
+        return "triton" if state.is_cuda and triton_state_update.is_available() else "reference"
+    name = backend.strip().lower()
+    if name in _SCAN_BACKENDS_AS_REFERENCE:
+        return "reference"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"selective_state_update: unknown backend {backend!r} (from {source}); "
+            f"expected one of {BACKENDS + _SCAN_BACKENDS_AS_REFERENCE}"
+        )
+    if name == "cuda" and not mamba_cuda.is_available():
+        raise BackendUnavailableError(
+            "selective_state_update: backend 'cuda' needs the mamba-ssm package; 'triton' and 'reference' need nothing"
+        )
+    if name == "cuda" and not state.is_cuda:
+        raise BackendUnavailableError(
+            f"selective_state_update: backend 'cuda' runs only on CUDA tensors; the state is on {state.device.type}"
+        )
+    if name == "triton" and (why := triton_state_update.unsupported_reason(state.device)) is not None:
+        raise BackendUnavailableError(why)
+    return name
 
 
 def selective_state_update(
@@ -97,6 +132,7 @@ def selective_state_update(
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
     state_batch_indices: Tensor | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Advance ``state`` by one step in place and return that step's output.
 
@@ -113,16 +149,27 @@ def selective_state_update(
     mamba_ssm 2.3.2's contract (the argument since 2.2.3, negative indices as padding since
     2.2.6.post3). Where mamba_ssm leaves the result undefined (an index past the cache, two
     requests on one row), this raises ``ValueError``; checking the values costs a host sync on
-    CUDA. On CUDA with mamba_ssm >= 2.2.6.post3 the indices go to its kernel; otherwise the named
-    rows are gathered, stepped and written back.
+    CUDA. The Triton kernel, and mamba_ssm's from 2.2.6.post3, take the indices themselves;
+    otherwise the named rows are gathered, stepped and written back.
+
+    ``backend``: ``"reference"`` (the PyTorch step in ``reference.py``), ``"triton"``
+    (``triton_state_update.py``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
+    ``"cuda"`` (mamba_ssm's kernel); ``"chunked"`` and ``"cpu"`` mean ``"reference"``. Default:
+    ``use_backend``'s, else ``$ESH_SCAN_BACKEND``, else mamba_ssm's kernel for CUDA tensors when
+    it is installed, else Triton's for CUDA tensors, else the reference step.
     """
     _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    if state_batch_indices is None:
-        return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    if _on_mamba_cuda(state) and mamba_cuda.takes_state_batch_indices():
-        return mamba_cuda.selective_state_update_cuda(
-            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=state_batch_indices
+    name = _resolve(backend, state)
+    if name == "triton":
+        return triton_state_update.selective_state_update_triton(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices
         )
+    # looked up at call time: tests stand a recording fake in for mamba_ssm's kernel
+    step = selective_state_update_reference if name == "reference" else mamba_cuda.selective_state_update_cuda
+    if state_batch_indices is None:
+        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if name == "cuda" and mamba_cuda.takes_state_batch_indices():
+        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=state_batch_indices)
 
     live = state_batch_indices >= 0
     out = torch.zeros_like(x)
@@ -130,7 +177,7 @@ def selective_state_update(
         return out
     rows = state_batch_indices[live].long()
     picked = state.index_select(0, rows)  # a copy: the step runs on it, then it is written back
-    out[live] = _step(
+    out[live] = step(
         picked,
         x[live],
         dt[live],
