@@ -386,3 +386,6 @@ def test_the_default_step_on_cuda_is_mamba_ssm_then_triton_then_the_reference(mo
     cuda_state = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
     assert state_update._resolve(None, cuda_state) == expected
     assert state_update._resolve(None, torch.zeros(1)) == "reference"
+    # mamba_ssm's kernel crashes without D or dt_bias: those steps go to Triton
+    without = "triton" if triton else "reference"
+    assert state_update._resolve(None, cuda_state, has_D_and_dt_bias=False) == without

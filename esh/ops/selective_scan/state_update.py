@@ -85,9 +85,10 @@ def _on_mamba_cuda(state: Tensor) -> bool:
     return state.is_cuda and mamba_cuda.is_available()
 
 
-def _resolve(backend: str | None, state: Tensor) -> str:
+def _resolve(backend: str | None, state: Tensor, has_D_and_dt_bias: bool = True) -> str:
     """The argument, else ``use_backend``'s, else ``$ESH_SCAN_BACKEND``, else mamba_ssm's kernel
-    for CUDA tensors when installed, else Triton's for CUDA tensors, else the reference step."""
+    for CUDA tensors when installed (and given D and dt_bias: it crashes without them), else
+    Triton's for CUDA tensors, else the reference step."""
     from . import ENV_VAR, BackendUnavailableError, _forced  # the package imports this module
 
     source = "backend="
@@ -96,7 +97,7 @@ def _resolve(backend: str | None, state: Tensor) -> str:
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
     if backend is None:
-        if _on_mamba_cuda(state):
+        if _on_mamba_cuda(state) and has_D_and_dt_bias:
             return "cuda"
         return "triton" if state.is_cuda and triton_state_update.is_available() else "reference"
     name = backend.strip().lower()
@@ -159,7 +160,7 @@ def selective_state_update(
     it is installed, else Triton's for CUDA tensors, else the reference step.
     """
     _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    name = _resolve(backend, state)
+    name = _resolve(backend, state, D is not None and dt_bias is not None)
     if name == "triton":
         return triton_state_update.selective_state_update_triton(
             state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices
