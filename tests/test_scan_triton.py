@@ -140,10 +140,11 @@ def test_sequence_split_equals_the_plain_scan():
         torch.testing.assert_close(split[2][k], plain[2][k], rtol=1e-4, atol=1e-4, msg=k)
 
 
-def test_underflowing_decays_stay_finite_and_exact():
+@pytest.mark.parametrize("delta_softplus", [False, True])
+def test_underflowing_decays_stay_finite_and_exact(delta_softplus):
     # steps of ~100-1000 with A in [-2.1, -0.1]: exp(delta * A) underflows to exactly 0
     x = make_inputs(batch=1, dim=8, seqlen=33, dstate=4, delta_scale=1000.0, with_bias=False)
-    assert_matches_reference(x, delta_softplus=False, checkpoint_every=8, split_segments=2)
+    assert_matches_reference(x, delta_softplus=delta_softplus, checkpoint_every=8, split_segments=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -164,6 +165,17 @@ def test_output_alone_is_differentiable():
     x = {k: None if v is None else v.requires_grad_() for k, v in make_inputs(dim=8, seqlen=17).items()}
     selective_scan_triton(**x, delta_softplus=True, checkpoint_every=8).sum().backward()
     assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in x.values() if v is not None)
+
+
+def test_inference_under_no_grad():
+    x = make_inputs(batch=1, dim=8, seqlen=33, dstate=4)
+    with torch.no_grad():
+        out, last = selective_scan_triton(
+            **x, delta_softplus=True, return_last_state=True, checkpoint_every=8, split_segments=2
+        )
+    want_out, want_last = reference(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last.double(), want_last, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_is_deterministic():

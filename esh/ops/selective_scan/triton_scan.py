@@ -110,11 +110,12 @@ def _scan_fwd_kernel(
     s_Cb, s_Cg, s_Cn, s_Cl, gs_C,
     s_ib, s_is, s_id, s_in,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_INIT: tl.constexpr, SUMMARY: tl.constexpr,
+    HAS_INIT: tl.constexpr, SUMMARY: tl.constexpr, CHECKPOINT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
 ):  # fmt: skip
     """One (batch, channel block, segment) program. SUMMARY: start from zero, write only the
-    segment's end state and total decay (into ckpt_ptr / last_ptr as (batch, n_seg, dim, N))."""
+    segment's end state and total decay (into ckpt_ptr / last_ptr as (batch, n_seg, dim, N)).
+    CHECKPOINT: keep the state before every K-step chunk for the backward."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -147,7 +148,7 @@ def _scan_fwd_kernel(
     c0 = pid_s * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
     for c in range(c0, c1):
-        if not SUMMARY:
+        if CHECKPOINT:
             tl.store(ckpt_ptr + (pid_b * n_chunks + c) * dim * N + state_offs, h, mask=mask)
         for t in range(c * K, tl.minimum(c * K + K, L)):
             _, dt = _step_size(d_row + t * s_dl, mask_d, bias, SOFTPLUS)
@@ -458,7 +459,7 @@ def _bl_strides(x: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if x is None else tuple(x.stride())
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split):
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split, checkpoint):
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     block_n = _next_pow2(N)
@@ -468,7 +469,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, bl
     Bi, Ci = _BC(B, dim), _BC(C, dim)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u)
-    ckpt = torch.empty(batch, n_chunks, dim, N, **f32)
+    ckpt = torch.empty(batch, n_chunks if checkpoint else 0, dim, N, **f32)
     last = torch.empty(batch, dim, N, **f32)
     dummy = u  # stands in for absent optional tensors; never read
     common = (
@@ -504,14 +505,14 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, bl
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, opt[0], opt[1], opt[2], dummy, dummy, ends, decays,
             *common, 0, 0, 0, 0,
-            HAS_INIT=False, SUMMARY=True, **flags,
+            HAS_INIT=False, SUMMARY=True, CHECKPOINT=False, **flags,
         )  # fmt: skip
         init = _carry(ends, decays, initial_state, reverse=False)
         init_strides = tuple(init.stride())
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, opt[0], opt[1], opt[2], dummy if init is None else init, out, ckpt, last,
         *common, *init_strides,
-        HAS_INIT=init is not None, SUMMARY=False, **flags,
+        HAS_INIT=init is not None, SUMMARY=False, CHECKPOINT=checkpoint, **flags,
     )  # fmt: skip
     return out, last, ckpt
 
@@ -605,8 +606,10 @@ _INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split):
-        out, last, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split, checkpoint):
+        out, last, ckpt = _forward(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, K, block_d, split, checkpoint
+        )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         ctx.softplus, ctx.K, ctx.block_d, ctx.split = softplus, K, block_d, split
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
@@ -616,7 +619,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         grads = _backward(ctx, dout, dlast)
-        return tuple(grads[k] if need else None for k, need in zip(_INPUTS, ctx.needs_input_grad)) + (None,) * 4
+        return tuple(grads[k] if need else None for k, need in zip(_INPUTS, ctx.needs_input_grad)) + (None,) * 5
 
 
 def selective_scan_triton(
@@ -680,8 +683,10 @@ def selective_scan_triton(
         block_d = _default_block_d(_next_pow2(N))
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"selective_scan_triton: block_d must be a power of two; got {block_d}")
+    # without gradients the forward keeps no checkpoints
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values())
     out, last = _SelectiveScanTriton.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), checkpoint_every, block_d,
-        split_segments,
+        split_segments, needs_grad,
     )  # fmt: skip
     return (out, last) if return_last_state else out
