@@ -110,6 +110,46 @@ def test_dispatcher_takes_the_kernel_for_inference_only(monkeypatch):
     assert "cpu" not in available_backends("cpu")
 
 
+def _initial_state(x, dtype=torch.float32):
+    (batch, dim, _), n = x["u"].shape, x["A"].shape[1]
+    return torch.randn(batch, dim, n, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_initial_state_matches_reference(dtype, groups):
+    # half-precision inputs with a float32 state: float32 arithmetic, the state taken as it is
+    x = scan_inputs(batch=2, dim=32 * groups, seqlen=25, dstate=8, B_mode="grouped", groups=groups, dtype=dtype)
+    h0 = _initial_state(x)
+    with torch.no_grad():
+        out, last = selective_scan(**x, delta_softplus=True, return_last_state=True, initial_state=h0, backend="cpu")
+    ref, ref_last = _reference(x, delta_softplus=True, return_last_state=True, initial_state=h0.double())
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert _rel_err(out, ref) < (2e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel_err(last, ref_last) < 2e-5
+
+
+@needs_kernel
+def test_dispatcher_takes_the_kernel_with_an_initial_state_for_inference_only(monkeypatch):
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
+    calls = []
+    for name in ("cpu", "chunked"):
+        fn = dispatch._IMPLS[name]
+        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    x = scan_inputs(dim=16, seqlen=9)
+    h0 = _initial_state(x).requires_grad_()
+    with torch.no_grad():
+        selective_scan(**x, initial_state=h0)  # inference: the kernel
+        selective_scan(**x, initial_state=h0.double())  # a float64 state: the chunked scan
+    selective_scan(**x, initial_state=h0).sum().backward()  # the state needs a gradient: chunked
+    assert calls == ["cpu", "chunked", "chunked"]
+    assert h0.grad is not None and h0.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: it has no backward"):
+        selective_scan(**x, initial_state=h0, backend="cpu")
+
+
 @needs_kernel
 def test_asking_for_the_kernel_where_it_cannot_run_is_a_clear_error():
     x = {k: None if v is None else v.clone().requires_grad_() for k, v in scan_inputs(dim=16, seqlen=5).items()}
@@ -212,6 +252,21 @@ def test_vim_mixer_piecewise_inference_equals_the_whole_sequence(divide_out, seg
         pieces = mixer(h)
     assert calls == [segment]  # 37 tokens > 2 x segment: the piecewise path ran
     assert _rel_err(pieces, whole) < 1e-5
+
+
+@needs_kernel
+def test_vim_mixer_piecewise_inference_goes_through_the_dispatcher_to_the_kernel(monkeypatch):
+    from esh.layers.bimamba import BiMambaMixer
+
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    calls = []
+    fn = dispatch._IMPLS["cpu"]
+    monkeypatch.setitem(dispatch._IMPLS, "cpu", lambda *a, **k: calls.append("initial_state" in k) or fn(*a, **k))
+    mixer = BiMambaMixer(32).eval()
+    mixer.segment_tokens = 4
+    with torch.no_grad():
+        mixer(torch.randn(1, 10, 32))
+    assert calls == [False, True, True] * 2  # 3 pieces per direction, the later ones from a state
 
 
 @needs_kernel

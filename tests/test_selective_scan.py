@@ -9,7 +9,7 @@ import torch
 from scan_inputs import run_with_grads, scan_inputs, with_grad
 
 from esh.ops import BackendUnavailableError, selective_scan, selective_scan_reference
-from esh.ops.selective_scan import chunked, resolve_backend
+from esh.ops.selective_scan import available_backends, chunked, resolve_backend
 from esh.ops.selective_scan.chunked import selective_scan_chunked
 
 
@@ -18,10 +18,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def assert_scan_matches(x, rtol, **kwargs):
+def assert_scan_matches(x, rtol, chunk_size=None, **kwargs):
     """Fast path vs reference: output, last state and every gradient, relative to max |ref|."""
     out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, **kwargs)
-    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, **kwargs)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, chunk_size=chunk_size, **kwargs)
     assert out_f.dtype == out_r.dtype == x["u"].dtype
     assert out_f.shape == out_r.shape
     assert last_f.shape == last_r.shape == (x["u"].shape[0], x["u"].shape[1], x["A"].shape[1])
@@ -307,3 +307,134 @@ def test_mixed_layouts_give_the_same_result():
         y = dict(x)
         y[name] = x[name].transpose(1, 2).contiguous().transpose(1, 2)
         torch.testing.assert_close(selective_scan_chunked(**y, delta_softplus=True), ref, rtol=1e-12, atol=1e-12)
+
+
+def with_initial_state(x, dtype=None, seed=7):
+    """x plus a random (batch, dim, N) initial state, in u's dtype unless ``dtype`` is given."""
+    (batch, dim, _), n = x["u"].shape, x["A"].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    h0 = torch.randn(batch, dim, n, generator=g, dtype=torch.float64).to(dtype or x["u"].dtype)
+    return dict(x, initial_state=h0)
+
+
+def time_slice(x, t0, t1):
+    """Steps t0..t1-1 of every per-step input (u, delta, z and input-dependent B, C)."""
+    return {k: v[..., t0:t1] if v is not None and v.dim() >= 3 else v for k, v in x.items()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+@pytest.mark.parametrize("split", [1, 17, 39])
+def test_initial_state_continues_a_split_sequence(backend, split):
+    # scan(x1 ++ x2) == scan(x1) ++ scan(x2 from the last state of x1), on every backend
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is unavailable here")
+    x = scan_inputs(batch=2, dim=16, seqlen=40, dstate=8)
+    with torch.no_grad():
+        whole, last = selective_scan(**x, delta_softplus=True, return_last_state=True, backend=backend)
+        out1, h1 = selective_scan(
+            **time_slice(x, 0, split), delta_softplus=True, return_last_state=True, backend=backend
+        )
+        out2, h2 = selective_scan(
+            **time_slice(x, split, 40), delta_softplus=True, return_last_state=True, backend=backend, initial_state=h1
+        )
+    assert _rel_err(torch.cat([out1, out2], -1), whole) < 1e-6
+    assert _rel_err(h2, last) < 1e-6
+
+
+def test_initial_state_enters_as_the_state_before_the_first_step():
+    # one step: h[0] = exp(dt A) h_init + dt B u, y[0] = C h[0] (no D, no gate)
+    x = scan_inputs(batch=1, dim=3, seqlen=1, dstate=2, with_D=False, with_z=False, with_bias=False)
+    x = with_initial_state(x, dtype=torch.float32)
+    dt = x["delta"][..., 0, None]
+    h = torch.exp(dt * x["A"]) * x["initial_state"] + dt * x["B"][:, None, :, 0] * x["u"][..., 0, None]
+    for backend in ("reference", "chunked"):
+        out, last = selective_scan(**x, return_last_state=True, backend=backend)
+        torch.testing.assert_close(last, h)
+        torch.testing.assert_close(out[..., 0], (h * x["C"][:, None, :, 0]).sum(-1))
+
+
+@pytest.mark.parametrize("impl", [selective_scan_reference, selective_scan_chunked], ids=["reference", "chunked"])
+def test_gradcheck_float64_with_initial_state(impl):
+    x = scan_inputs(batch=1, dim=2, seqlen=6, dstate=3, groups=2, B_mode="grouped", dtype=torch.float64)
+    x = with_grad(with_initial_state(x))
+    names = list(x)
+    kwargs = {"chunk_size": 4} if impl is selective_scan_chunked else {}
+
+    def fn(*args):
+        return impl(**dict(zip(names, args)), delta_softplus=True, return_last_state=True, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, tuple(x[k] for k in names))
+
+
+@pytest.mark.parametrize(
+    "B_mode,C_mode",
+    [("constant", "constant"), ("variable", "variable"), ("grouped", "variable"), ("constant", "grouped")],
+)
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_initial_state_gradients_match_reference(B_mode, C_mode, chunk):
+    x = scan_inputs(dim=6, seqlen=23, B_mode=B_mode, C_mode=C_mode, groups=3, dtype=torch.float64)
+    assert_scan_matches(with_initial_state(x), rtol=1e-10, delta_softplus=True, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("with_z,with_D,softplus", [(False, False, False), (True, True, True)])
+def test_initial_state_gradients_match_reference_with_and_without_optional_terms(with_z, with_D, softplus):
+    x = scan_inputs(seqlen=30, with_z=with_z, with_D=with_D, with_bias=softplus, dtype=torch.float64)
+    assert_scan_matches(with_initial_state(x), rtol=1e-10, delta_softplus=softplus)
+
+
+def test_initial_state_gradients_match_reference_for_sequence_major_inputs():
+    x = with_initial_state(scan_inputs(dim=8, seqlen=31, B_mode="grouped", groups=2, dtype=torch.float64))
+    # (batch, dim, L) views of (batch, L, dim) memory, and a transposed (batch, N, dim) state
+    strided = {
+        k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v is not None and v.dim() > 1 else v
+        for k, v in x.items()
+    }
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, delta_softplus=True)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, strided, delta_softplus=True, chunk_size=8)
+    assert _rel_err(out_f, out_r) < 1e-12 and _rel_err(last_f, last_r) < 1e-12
+    assert grads_f.keys() == grads_r.keys() and "initial_state" in grads_f
+    for name in grads_r:
+        assert _rel_err(grads_f[name], grads_r[name]) < 1e-11, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_with_a_float32_initial_state(dtype):
+    x = with_initial_state(scan_inputs(seqlen=50, dstate=8, dtype=dtype), dtype=torch.float32)
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, x, delta_softplus=True)
+    out_f, last_f, grads_f = run_with_grads(selective_scan_chunked, x, delta_softplus=True)
+    assert out_f.dtype == dtype and last_f.dtype == torch.float32
+    assert grads_f["initial_state"].dtype == torch.float32 and grads_f["u"].dtype == dtype
+    assert _rel_err(out_f, out_r) <= 1e-2
+    assert _rel_err(last_f, last_r) <= 1e-5
+    assert _rel_err(grads_f["initial_state"], grads_r["initial_state"]) <= 1e-5  # float32 both ways
+    for name in grads_r:
+        assert _rel_err(grads_f[name], grads_r[name]) <= 2e-2, name
+
+
+def test_no_initial_state_and_a_zero_one_give_the_same_values_and_gradients():
+    x = scan_inputs(seqlen=40, dtype=torch.float64)
+    zero = dict(x, initial_state=torch.zeros(2, 6, 4, dtype=torch.float64))
+    out, last, grads = run_with_grads(selective_scan_chunked, x, delta_softplus=True, chunk_size=16)
+    out0, last0, grads0 = run_with_grads(selective_scan_chunked, zero, delta_softplus=True, chunk_size=16)
+    assert torch.equal(out, out0) and torch.equal(last, last0)
+    for name in grads:
+        assert torch.equal(grads[name], grads0[name]), name
+
+
+def test_default_dispatch_leaves_the_cuda_backend_when_there_is_an_initial_state(monkeypatch):
+    # mamba_ssm's kernel takes no initial state: where "cuda" would be the default, such calls go
+    # to another backend; asking for "cuda" with one is an error (before mamba_ssm is imported)
+    dispatch = importlib.import_module("esh.ops.selective_scan")
+    calls = []
+    monkeypatch.setitem(
+        dispatch._IMPLS, "chunked", lambda *a, **k: calls.append("chunked") or selective_scan_chunked(*a, **k)
+    )
+    monkeypatch.setitem(dispatch._IMPLS, "cuda", lambda *a, **k: calls.append("cuda") or selective_scan_chunked(*a))
+    monkeypatch.setattr(dispatch, "_resolve", lambda backend, device_type: ("cuda", False))
+    x = with_grad(scan_inputs(seqlen=5))
+    selective_scan(**x)
+    selective_scan(**with_initial_state(x))
+    assert calls == ["cuda", "chunked"]
+    monkeypatch.setattr(dispatch, "_resolve", lambda backend, device_type: ("cuda", True))
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run these inputs: .*no initial_state"):
+        selective_scan(**with_initial_state(x), backend="cuda")

@@ -24,6 +24,12 @@ def _inputs():
         ("D", torch.randn(5), r"D must have shape \(dim,\) = \(6,\); got \(5,\)"),
         ("z", torch.randn(2, 6, 10), r"z must have the shape of u"),
         ("delta_bias", torch.randn(6, 1), r"delta_bias must have shape \(dim,\)"),
+        (
+            "initial_state",
+            torch.randn(2, 6, 5),
+            r"initial_state must have shape \(batch, dim, N\) = \(2, 6, 4\); got \(2, 6, 5\)",
+        ),
+        ("initial_state", torch.randn(6, 4), r"initial_state must have shape \(batch, dim, N\)"),
     ],
 )
 def test_wrong_shapes_name_the_expected_shape(name, bad, message):
@@ -66,3 +72,17 @@ def test_empty_sequence_is_rejected():
     x = {k: (v[..., :0] if v is not None and v.dim() >= 3 else v) for k, v in x.items()}
     with pytest.raises(ValueError, match="at least 1"):
         selective_scan(**x)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (torch.zeros(2, 6, 4, dtype=torch.long), "initial_state must be a floating-point tensor"),
+        (torch.zeros(2, 6, 4, dtype=torch.complex64), "initial_state is complex"),
+        (torch.zeros(2, 6, 4, device="meta"), "one device.*initial_state on meta"),
+        ([[0.0]], "initial_state must be a torch.Tensor"),
+    ],
+)
+def test_bad_initial_state_is_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**_inputs(), initial_state=bad)

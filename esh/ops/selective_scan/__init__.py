@@ -11,7 +11,12 @@
   default for CPU inputs that need no gradient when a compiler is there (``ESH_CPU_KERNEL=0``
   turns it off); everything else falls back to ``"chunked"``.
 * ``"cuda"``: mamba_ssm's fused CUDA kernel, when the package is installed and the inputs
-  are on a CUDA device.
+  are on a CUDA device. It takes no ``initial_state``: by default, calls with one go to
+  ``"chunked"``; asking for ``"cuda"`` with one is a ``ValueError``.
+
+Every backend but ``"cuda"`` takes an ``initial_state``, the state before the first step (the
+last state of the previous piece of a sequence scanned piece by piece); ``"reference"`` and
+``"chunked"`` return its gradient.
 
 Pick one with ``backend=`` or the ``ESH_SCAN_BACKEND`` environment variable; otherwise the
 dispatcher takes the fastest backend that can run the inputs.
@@ -112,9 +117,13 @@ def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
     return backend, True
 
 
-def cpu_kernel_is_default() -> bool:
+def cpu_kernel_is_default(dim: int | None = None, dstate: int | None = None, groups: int = 1) -> bool:
     """Whether calls with no backend asked for (argument, ``use_backend`` or
-    ``$ESH_SCAN_BACKEND``) go to the C kernel when it can run their inputs."""
+    ``$ESH_SCAN_BACKEND``) go to the C kernel when it can run their inputs; given ``dim`` and
+    ``dstate`` (and the groups of B and C), also whether it runs inputs of those sizes (it then
+    takes float32 CPU inference with input-dependent B and C)."""
+    if dim is not None and dstate is not None and cpu_kernel.shape_unsupported_reason(dim, dstate, groups):
+        return False
     return _resolve(None, "cpu") == ("chunked", False) and cpu_kernel.available()
 
 
@@ -138,6 +147,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str | None = None,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan ``h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t]``, ``y[t] = C[t] h[t]``.
 
@@ -152,19 +162,31 @@ def selective_scan(
         return_last_state: also return the final state (batch, dim, N).
         backend: ``"reference"``, ``"chunked"``, ``"cpu"`` or ``"cuda"``; default: the fastest
             that can run the inputs.
+        initial_state: (batch, dim, N) state before the first step (default zero), e.g. the
+            last state of the previous piece of a sequence; gradients flow to it. Not taken by
+            ``"cuda"`` (mamba_ssm's kernel has none).
 
     Returns:
         ``out`` (batch, dim, L) in the dtype of ``u``, and the last state (float32, or
         float64 for float64 inputs) when ``return_last_state``. Arithmetic is float32 for
         half-precision inputs.
     """
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     name, asked = _resolve(backend, u.device.type)
+    if name == "cuda" and initial_state is not None:  # mamba_ssm's kernel has no initial state
+        if asked:
+            raise ValueError(
+                "selective_scan backend 'cuda' cannot run these inputs: mamba_ssm's kernel takes no "
+                "initial_state; leave backend unset or ask for 'chunked'"
+            )
+        name = "chunked"
     if (
         not asked
         and name == "chunked"
-        and cpu_kernel.unsupported_reason(u, delta, A, B, C, D, z, delta_bias) is None
+        and cpu_kernel.unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state) is None
         and cpu_kernel.available()  # checks ESH_CPU_KERNEL; builds on the first eligible call
     ):
         name = "cpu"
-    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    # passed only when given, so stand-ins with the ten-argument signature (esh.info's counter) still work
+    extra = {} if initial_state is None else {"initial_state": initial_state}
+    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, **extra)

@@ -68,11 +68,12 @@ def check_scan_inputs(
     D: Tensor | None,
     z: Tensor | None,
     delta_bias: Tensor | None,
+    initial_state: Tensor | None = None,
 ) -> ScanShape:
     """Validate the arguments of ``selective_scan`` and return the problem size."""
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         _check_tensor(name, t)
-    for name, t in (("D", D), ("z", z), ("delta_bias", delta_bias)):
+    for name, t in (("D", D), ("z", z), ("delta_bias", delta_bias), ("initial_state", initial_state)):
         if t is not None:
             _check_tensor(name, t)
 
@@ -95,7 +96,12 @@ def check_scan_inputs(
             raise ValueError(f"selective_scan: {name} must have shape (dim,) = ({dim},); got {_shape(t)}")
     if z is not None and _shape(z) != _shape(u):
         raise ValueError(f"selective_scan: z must have the shape of u, (batch, dim, L) = {_shape(u)}; got {_shape(z)}")
-    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    if initial_state is not None and _shape(initial_state) != (batch, dim, s.dstate):
+        raise ValueError(
+            f"selective_scan: initial_state must have shape (batch, dim, N) = ({batch}, {dim}, {s.dstate}); "
+            f"got {_shape(initial_state)}"
+        )
+    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     return s
 
 

@@ -15,6 +15,9 @@ How it stays exact and fast without compiling anything:
   The backward walks the chunks in reverse, recomputes the chunk's states from its boundary
   state, runs the adjoint recurrence ``g[t] = C[t] dy[t] + a[t+1] g[t+1]`` the same way and
   reduces every gradient inside the chunk, as the mamba CUDA kernel does per block.
+* **An initial state costs nothing extra.** It is the state entering the first chunk, so the
+  forward starts its scan from it and keeps it as the first boundary state; in the backward
+  the adjoint carried out of the first step, ``a[0] g[0]``, is its gradient.
 
 Peak memory is therefore O(batch * dim * (L + chunk * N)) instead of the loop's
 O(batch * dim * L * N).
@@ -283,15 +286,23 @@ def _chunks(seqlen: int, chunk: int) -> list[tuple[int, int]]:
     return [(t0, min(seqlen, t0 + chunk)) for t0 in range(0, seqlen, chunk)]
 
 
-def _scan_forward(p: _Prepared, chunk: int, save_states: bool, y_out: Tensor | None = None, D: Tensor | None = None):
+def _scan_forward(
+    p: _Prepared,
+    chunk: int,
+    save_states: bool,
+    y_out: Tensor | None = None,
+    D: Tensor | None = None,
+    h0: Tensor | None = None,
+):
     """Returns y + D * u (batch, dim, L; in ``y_out`` if given), the last state
-    (batch, G, N, dim/G) and, when asked, the state entering each chunk.
+    (batch, G, N, dim/G) and, when asked, the state entering each chunk. ``h0`` is the state
+    before the first step, (batch, G, N, dim/G) (zero when None); it is only read.
 
     The states of consecutive chunks go to two buffers in turn, so each chunk starts from the
     last step of the other buffer without a copy; each chunk's read-out (and its D * u, while
     u's slice is in cache) is written straight into the output."""
     a_flat, *h_flats = p.buffers(chunk, 3)
-    h = p.dt_s.new_zeros((p.batch, p.groups, p.dstate, p.dim // p.groups))
+    h = p.dt_s.new_zeros((p.batch, p.groups, p.dstate, p.dim // p.groups)) if h0 is None else h0
     y_s = torch.empty_like(p.dt_s)
     D_g = None if D is None else D.to(p.cdtype).view(p.groups, p.dim // p.groups)
     spans = _chunks(p.seqlen, chunk)
@@ -313,7 +324,7 @@ def _scan_forward(p: _Prepared, chunk: int, save_states: bool, y_out: Tensor | N
 
 def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: Tensor | None):
     """Gradients of sum(y * dy) + sum(h_last * dlast) w.r.t. dt, dt*u (both sequence-major),
-    A, B and C (in their chunk layouts)."""
+    A, B, C (in their chunk layouts) and the initial state (batch, G, N, dim/G)."""
     flats = p.buffers(chunk, 4)
     dy_s = p.to_seq_major(dy)
     carry = torch.zeros_like(states[0]) if dlast is None else p.state_from_input_layout(dlast)
@@ -333,7 +344,7 @@ def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: 
         torch.mul(dy_s[:, t0:t1, :, None, :], p.C.chunk(t0, t1), out=g)
         g[:, -1].add_(carry)
         _scan_chunk_reverse(a, g)
-        carry = a[:, 0] * g[:, 0]
+        carry = a[:, 0] * g[:, 0]  # dL/dh[t0 - 1]; after the first chunk, dL/d(initial state)
         p.C.accumulate(dC, p.C.contract_d(h, dy_s[:, t0:t1], s), t0, t1)
         # q[t] = g[t] a[t] h[t-1] is the gradient of log a[t] = dt[t] A
         q = a.mul_(g)
@@ -344,23 +355,24 @@ def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: 
         # b[t] = dt[t] u[t] B[t]
         ddtu_s[:, t0:t1] = p.B.contract_n(g, t0, t1)
         p.B.accumulate(dB, p.B.contract_d(g, p.dtu_s[:, t0:t1], s), t0, t1)
-    return ddt_s, ddtu_s, dA, dB, dC
+    return ddt_s, ddtu_s, dA, dB, dC, carry
 
 
 class SelectiveScanChunked(torch.autograd.Function):
     # Every (batch, dim, L) tensor below is written in place where the maths allows: on a
     # CPU a fresh 16 MiB tensor costs more in page faults than the arithmetic done in it.
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
         cdtype = compute_dtype(u.dtype)
         dt = _effective_delta(delta, delta_bias, delta_softplus, cdtype)
         y = torch.empty_like(dt)  # scratch for dt * u first, then the output
         # (if y is stored sequence-major, dt * u computed in it would be used in place as its
         # sequence-major form and then overwritten by the output: not in y, then)
-        needs_grad = any(ctx.needs_input_grad[:8])
+        needs_grad = any(ctx.needs_input_grad[:9])
         p = _Prepared(u, A, B, C, dt, scratch=None if is_seq_major(y) else y, whole_dtu=needs_grad)
         chunk = chunk or default_chunk_size(p.batch, p.dim, p.dstate, p.seqlen, p.dt_s.element_size())
-        y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y, D=D)
+        h0 = None if initial_state is None else p.state_from_input_layout(initial_state)
+        y, last, states = _scan_forward(p, chunk, save_states=needs_grad, y_out=y, D=D, h0=h0)
         out = y if z is None else F.silu(z.to(cdtype)).mul_(y)
         if needs_grad:
             # dt and its sequence-major forms are O(batch * dim * L): keeping them spares
@@ -369,6 +381,7 @@ class SelectiveScanChunked(torch.autograd.Function):
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y_pre_gate, p.dt, p.dt_s, p.dtu_s)
             ctx.delta_softplus = delta_softplus
             ctx.chunk = chunk
+            ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         return out.to(u.dtype), p.state_to_input_layout(last)
 
     @staticmethod
@@ -386,7 +399,7 @@ class SelectiveScanChunked(torch.autograd.Function):
             dz = torch.sub(zc, silu).add_(1).mul_(sig).mul_(y).mul_(dout).to(z.dtype)
             del sig
             dout = silu.mul_(dout)
-        ddt_s, ddtu_s, dA, dB, dC = _scan_backward(p, ctx.chunk, states, dout, dlast)
+        ddt_s, ddtu_s, dA, dB, dC, dh0 = _scan_backward(p, ctx.chunk, states, dout, dlast)
         uc = u.to(cdtype)
         ddtu = p.to_channel_major(ddtu_s)
         ddt = p.to_channel_major(ddt_s).addcmul_(ddtu, uc)  # dtu = dt * u
@@ -400,6 +413,9 @@ class SelectiveScanChunked(torch.autograd.Function):
             ddt.mul_(_pre_activation(delta, delta_bias, cdtype).sigmoid_())
         ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
         dA = dA.transpose(1, 2).reshape(p.dim, p.dstate)
+        dinitial = None
+        if ctx.needs_input_grad[8]:
+            dinitial = p.state_to_input_layout(dh0).to(ctx.initial_state_dtype)
         return (
             du.to(u.dtype),
             ddt.to(delta.dtype),
@@ -409,6 +425,7 @@ class SelectiveScanChunked(torch.autograd.Function):
             dD,
             dz,
             ddelta_bias,
+            dinitial,
             None,
             None,
         )
@@ -425,7 +442,10 @@ def selective_scan_chunked(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    initial_state: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    out, last = SelectiveScanChunked.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
+    out, last = SelectiveScanChunked.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size
+    )
     return (out, last) if return_last_state else out

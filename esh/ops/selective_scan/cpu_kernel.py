@@ -139,9 +139,9 @@ def build_error() -> str | None:
     return _build_error
 
 
-def unsupported_reason(u, delta, A, B, C, D, z, delta_bias) -> str | None:
+def unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state=None) -> str | None:
     """None when the kernel can run these inputs, else what stands in the way."""
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         return "it runs on CPU tensors only"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -197,7 +197,7 @@ def selective_scan_cpu(
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native CPU scan kernel is unavailable: {_build_error}")
-    reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias)
+    reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if reason is not None:
         raise ValueError(f"selective_scan backend 'cpu' cannot run these inputs: {reason}")
     batch, dim, seqlen = u.shape
@@ -210,11 +210,7 @@ def selective_scan_cpu(
     bias = None if delta_bias is None else delta_bias.float().contiguous()
     y = torch.empty_like(u_s)
     last = u_s.new_empty(batch, dim, n) if return_last_state else None
-    if initial_state is not None:
-        if initial_state.shape != (batch, dim, n):
-            raise ValueError(
-                f"initial_state must be (batch, dim, N) = {(batch, dim, n)}, got {tuple(initial_state.shape)}"
-            )
+    if initial_state is not None:  # its shape was checked with the rest by the dispatcher
         initial_state = initial_state.float().contiguous()
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lib.esh_scan_fwd_f32(

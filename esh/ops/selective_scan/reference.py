@@ -7,7 +7,8 @@ For every batch b, channel d and state index n::
     y[t]      = sum_n C[n, t] * h[t]  +  D * u[t]
     out[t]    = y[t] * silu(z[t])                    (gate optional)
 
-with h[-1] = 0. This is the semantics of mamba_ssm's ``selective_scan_ref`` for real A.
+with h[-1] = ``initial_state`` (zero by default). This is the semantics of mamba_ssm's
+``selective_scan_ref`` for real A.
 Arithmetic is float32 (float64 for float64 inputs); the output has the input's dtype and
 the last state is returned in the arithmetic dtype. Gradients come from autograd.
 """
@@ -41,6 +42,7 @@ def selective_scan_reference(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     dtype_in = u.dtype
     cdtype = compute_dtype(dtype_in)
@@ -58,7 +60,7 @@ def selective_scan_reference(
     # unbind (not indexing) so that autograd's backward stays linear in L
     B_ts = [B] * seqlen if B.dim() == 2 else B.unbind(-1)  # (dim, N) or (batch, dim, N)
     C_ts = [C] * seqlen if C.dim() == 2 else C.unbind(-1)
-    h = u.new_zeros(batch, dim, A.shape[1])
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(cdtype)
     ys = []
     for dt, u_t, B_t, C_t in zip(delta.unsqueeze(-1).unbind(2), u.unsqueeze(-1).unbind(2), B_ts, C_ts):
         h = torch.exp(dt * A) * h + dt * B_t * u_t  # dt, u_t: (batch, dim, 1)
