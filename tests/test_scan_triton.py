@@ -5,12 +5,10 @@ triton is imported; CI runs this module in its own pytest invocation with it). S
 because the interpreter takes milliseconds per program step.
 """
 
-import inspect
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -18,41 +16,16 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from scan_inputs import run_with_grads, scan_inputs  # noqa: E402
 
-from esh.ops.selective_scan.reference import expand_bc, selective_scan_reference  # noqa: E402
+from esh.ops.selective_scan.reference import selective_scan_reference  # noqa: E402
 from esh.ops.selective_scan.triton_scan import is_available, selective_scan_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _reference_with_initial_state(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
-):
-    """The reference loop started from ``initial_state``, for a reference that lacks the argument."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B, C = expand_bc(B, u.shape[1]), expand_bc(C, u.shape[1])
-    h, ys = initial_state, []
-    for t in range(u.shape[-1]):
-        dt, u_t = delta[..., t, None], u[..., t, None]
-        h = torch.exp(dt * A) * h + dt * (B if B.dim() == 2 else B[..., t]) * u_t
-        ys.append((h * (C if C.dim() == 2 else C[..., t])).sum(-1))
-    y = torch.stack(ys, -1)
-    y = y if D is None else y + u * D[:, None]
-    y = y if z is None else y * F.silu(z)
-    return (y, h) if return_last_state else y
-
-
 def reference(**x):
     """selective_scan_reference in float64 on float64 copies of the inputs."""
     x = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
-    if (
-        x.get("initial_state") is not None
-        and "initial_state" not in inspect.signature(selective_scan_reference).parameters
-    ):
-        return _reference_with_initial_state(**x)
     return selective_scan_reference(**x)
 
 
@@ -200,3 +173,16 @@ def test_long_sequences_on_cuda(dtype, split_segments):
     x["initial_state"] = x["initial_state"].float()
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     assert_matches_reference(x, rtol=tol, atol=tol, split_segments=split_segments)
+
+
+def test_the_dispatcher_runs_it_when_asked_by_argument_or_environment(monkeypatch):
+    from esh.ops import selective_scan
+
+    x = make_inputs(dim=8, seqlen=9, dstate=4)
+    got = run_with_grads(selective_scan, x, delta_softplus=True, backend="triton")
+    want = run_with_grads(selective_scan_triton, x, delta_softplus=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for name in want[2]:
+        assert torch.equal(got[2][name], want[2][name]), name
+    monkeypatch.setenv("ESH_SCAN_BACKEND", "triton")
+    assert torch.equal(selective_scan(**x, delta_softplus=True), want[0])

@@ -381,7 +381,7 @@ def test_the_default_step_on_cuda_is_mamba_ssm_then_triton_then_the_reference(mo
     from esh.ops.selective_scan import mamba_cuda, state_update, triton_state_update
 
     monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
-    monkeypatch.setattr(mamba_cuda, "is_available", lambda: mamba_ssm)
+    monkeypatch.setattr(mamba_cuda, "state_update_available", lambda: mamba_ssm)
     monkeypatch.setattr(triton_state_update, "is_available", lambda: triton)
     cuda_state = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
     assert state_update._resolve(None, cuda_state) == expected

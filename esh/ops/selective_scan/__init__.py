@@ -27,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import warnings
 
+import torch
 from torch import Tensor
 
-from . import cpu_kernel, mamba_cuda
+from . import cpu_kernel, mamba_cuda, triton_scan
 from ._checks import check_scan_inputs
 from .chunked import selective_scan_chunked
 from .reference import selective_scan_reference, selective_state_update_reference
@@ -50,7 +52,7 @@ __all__ = [
     "use_backend",
 ]
 
-BACKENDS = ("reference", "chunked", "cpu", "cuda")
+BACKENDS = ("reference", "chunked", "cpu", "triton", "cuda")
 ENV_VAR = "ESH_SCAN_BACKEND"
 
 
@@ -59,10 +61,13 @@ class BackendUnavailableError(RuntimeError):
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:
-    """Backends that can run inputs on a device of this type."""
+    """Backends that can run inputs on a device of this type ("triton" on the CPU only under
+    Triton's interpreter, ``TRITON_INTERPRET=1``: for tests, not speed)."""
     names = ["reference", "chunked"]
     if device_type == "cpu" and cpu_kernel.available():
         names.append("cpu")
+    if triton_scan.unsupported_reason(device_type) is None:
+        names.append("triton")
     if device_type == "cuda" and mamba_cuda.is_available():
         names.append("cuda")
     return names
@@ -97,24 +102,52 @@ def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
     if backend is None:
-        return ("cuda" if device_type == "cuda" and mamba_cuda.is_available() else "chunked"), False
+        return _default_backend(device_type), False
     backend = backend.strip().lower()
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {backend!r} (from {source}); expected one of {BACKENDS}")
     if backend == "cuda":
         if not mamba_cuda.is_available():
             raise BackendUnavailableError(
-                "selective_scan: backend 'cuda' needs the mamba-ssm package (pip install mamba-ssm, "
-                "compiled for your torch and CUDA); the 'chunked' backend needs nothing"
+                "selective_scan: backend 'cuda' needs mamba_ssm with its compiled selective_scan_cuda extension "
+                "(mamba-ssm 2.3 builds it only with MAMBA_KEEP_CUDA_BUILD=TRUE); 'triton' and 'chunked' need nothing"
             )
         if device_type != "cuda":
             raise BackendUnavailableError(
                 f"selective_scan: backend 'cuda' runs only on CUDA tensors; the inputs are on {device_type}"
             )
+    if backend == "triton" and (why := triton_scan.unsupported_reason(device_type)) is not None:
+        raise BackendUnavailableError(f"selective_scan: backend 'triton' is unavailable: {why}")
     if backend == "cpu" and not cpu_kernel.available():
         why = "it is turned off by ESH_CPU_KERNEL=0" if not cpu_kernel.enabled() else cpu_kernel.build_error()
         raise BackendUnavailableError(f"selective_scan: backend 'cpu' is unavailable: {why}")
     return backend, True
+
+
+_warned_no_gpu_kernel = False
+
+
+def _default_backend(device_type: str) -> str:
+    """For inputs on ``device_type`` when nothing was asked for: on CUDA mamba_ssm's kernel when its
+    extension imports, else Triton, else chunked (with a one-time warning); elsewhere chunked
+    (``selective_scan`` then takes the C kernel for CPU inputs it can run)."""
+    global _warned_no_gpu_kernel
+    if device_type != "cuda":
+        return "chunked"
+    if mamba_cuda.is_available():
+        return "cuda"
+    if triton_scan.is_available():
+        return "triton"
+    if not _warned_no_gpu_kernel:
+        _warned_no_gpu_kernel = True
+        warnings.warn(
+            "selective_scan: no GPU kernel here (neither triton nor mamba_ssm's compiled extension imports), "
+            "so CUDA scans run on the chunked PyTorch path, many times slower; pip install triton (CUDA builds "
+            "of torch ship it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "chunked"
 
 
 def cpu_kernel_is_default(dim: int | None = None, dstate: int | None = None, groups: int = 1) -> bool:
@@ -131,6 +164,7 @@ _IMPLS = {
     "reference": selective_scan_reference,
     "chunked": selective_scan_chunked,
     "cpu": cpu_kernel.selective_scan_cpu,
+    "triton": triton_scan.selective_scan_triton,
     "cuda": mamba_cuda.selective_scan_cuda,
 }
 
@@ -171,14 +205,24 @@ def selective_scan(
         float64 for float64 inputs) when ``return_last_state``. Arithmetic is float32 for
         half-precision inputs.
     """
+    if torch.compiler.is_compiling():  # one graph node; the backend is picked when the graph runs
+        from .compiled import selective_scan_op
+
+        return selective_scan_op(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, initial_state
+        )
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     name, asked = _resolve(backend, u.device.type)
-    if name == "cuda" and initial_state is not None:  # mamba_ssm's kernel has no initial state
+    if name == "cuda" and (why := mamba_cuda.unsupported_reason(u, delta, B, C, z, initial_state)) is not None:
         if asked:
             raise ValueError(
-                "selective_scan backend 'cuda' cannot run these inputs: mamba_ssm's kernel takes no "
-                "initial_state; leave backend unset or ask for 'chunked'"
+                f"selective_scan backend 'cuda' cannot run these inputs: mamba_ssm's kernel: {why}; leave "
+                "backend unset or ask for 'triton' or 'chunked'"
             )
+        name = "triton" if triton_scan.is_available() else "chunked"
+    if name == "triton" and (why := triton_scan.unsupported_inputs(u, delta, A, B, C, D, z, delta_bias)) is not None:
+        if asked:
+            raise ValueError(f"selective_scan backend 'triton' cannot run these inputs: {why}")
         name = "chunked"
     if (
         not asked

@@ -6,12 +6,42 @@ from __future__ import annotations
 import importlib.util
 from functools import cache
 
+import torch
 from torch import Tensor
 
 
 @cache
 def is_available() -> bool:
-    return importlib.util.find_spec("mamba_ssm") is not None
+    """Whether mamba_ssm's compiled selective-scan extension imports. mamba_ssm 2.3.x installs
+    without it unless built with ``MAMBA_KEEP_CUDA_BUILD=TRUE``: ``import mamba_ssm`` then works
+    and its ``selective_scan_fn`` raises, so the package alone is not enough."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@cache
+def state_update_available() -> bool:
+    """Whether mamba_ssm's Triton ``selective_state_update`` is there (it needs no compiled extension)."""
+    return importlib.util.find_spec("mamba_ssm") is not None and importlib.util.find_spec("triton") is not None
+
+
+def unsupported_reason(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, initial_state) -> str | None:
+    """Why mamba_ssm's CUDA kernel cannot run these inputs as they are, or None."""
+    if initial_state is not None:
+        return "it takes no initial_state"
+    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
+        return "u, delta and z must share a dtype"
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"it computes in float32/float16/bfloat16, not {u.dtype}"
+    groups = [t.shape[1] if t.dim() == 4 else 1 for t in (B, C) if t.dim() != 2]
+    if len(groups) == 2 and groups[0] != groups[1]:
+        return "B and C must have the same number of groups"
+    return None
 
 
 def _import_interface():

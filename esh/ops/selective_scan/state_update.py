@@ -82,7 +82,7 @@ def _check_indices(indices: object, batch: int, cache_rows: int) -> None:
 
 
 def _on_mamba_cuda(state: Tensor) -> bool:
-    return state.is_cuda and mamba_cuda.is_available()
+    return state.is_cuda and mamba_cuda.state_update_available()
 
 
 def _resolve(backend: str | None, state: Tensor, has_D_and_dt_bias: bool = True) -> str:
@@ -108,7 +108,7 @@ def _resolve(backend: str | None, state: Tensor, has_D_and_dt_bias: bool = True)
             f"selective_state_update: unknown backend {backend!r} (from {source}); "
             f"expected one of {BACKENDS + _SCAN_BACKENDS_AS_REFERENCE}"
         )
-    if name == "cuda" and not mamba_cuda.is_available():
+    if name == "cuda" and not mamba_cuda.state_update_available():
         raise BackendUnavailableError(
             "selective_state_update: backend 'cuda' needs the mamba-ssm package; 'triton' and 'reference' need nothing"
         )

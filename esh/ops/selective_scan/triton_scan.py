@@ -68,6 +68,27 @@ def is_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def unsupported_reason(device_type: str) -> str | None:
+    """Why tensors on a device of this type cannot take this backend, or None."""
+    if triton is None:
+        return "the triton package is not installed (pip install triton; CUDA builds of torch ship it)"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            "it runs CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported; tests)"
+        )
+    return f"it runs only on CUDA tensors; the inputs are on {device_type}"
+
+
+def unsupported_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> str | None:
+    """Why these inputs cannot take this backend, or None (it computes in float32: no float64)."""
+    wide = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None and t.dtype == torch.float64]
+    return "it computes in float32 and takes no float64 inputs" if wide else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. Shared conventions: u, delta, z, out and their gradients are addressed through their
 # own (batch, dim, L) strides; B and C through (batch, group, N, L) strides, with a constant
