@@ -117,3 +117,16 @@ def test_the_compiled_scan_returns_the_last_state_and_takes_an_initial_state():
     expected_out, expected_last = run(x, h0)
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(last, expected_last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, kwargs, size",
+    [("vim_tiny", dict(img_size=32, depth=2), 32), ("mambavision_nano", dict(img_size=64), 64)],
+)
+def test_mamba_models_compile_to_one_graph(name, kwargs, size):
+    import esh
+
+    model = esh.create_model(name, num_classes=10, **kwargs).eval()
+    explained = torch._dynamo.explain(model)(torch.randn(1, 3, size, size))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -5,18 +5,24 @@
 
 * ``"reference"``: the sequential loop in ``reference.py``; the specification.
 * ``"chunked"``: the fast pure-PyTorch path with its own backward (``chunked.py``); any
-  device, no compilation. The default everywhere except CUDA with mamba_ssm installed.
+  device, no compilation. The default on the CPU for training, and on CUDA where no GPU kernel
+  is there (with a one-time warning).
 * ``"cpu"``: the forward pass as one fused C loop (``scan_cpu.c``), compiled on first use with
-  the system C compiler and cached (``cpu_kernel.py``); float32 CPU inference only. The
-  default for CPU inputs that need no gradient when a compiler is there (``ESH_CPU_KERNEL=0``
-  turns it off); everything else falls back to ``"chunked"``.
-* ``"cuda"``: mamba_ssm's fused CUDA kernel, when the package is installed and the inputs
-  are on a CUDA device. It takes no ``initial_state``: by default, calls with one go to
-  ``"chunked"``; asking for ``"cuda"`` with one is a ``ValueError``.
+  the system C compiler and cached (``cpu_kernel.py``); CPU inference only. The default for
+  CPU inputs that need no gradient when a compiler is there (``ESH_CPU_KERNEL=0`` turns it
+  off); everything else falls back to ``"chunked"``.
+* ``"triton"``: forward and backward in Triton (``triton_scan.py``); CUDA tensors (CPU ones
+  under Triton's interpreter, for tests). The default on CUDA unless mamba_ssm's kernel takes
+  the call.
+* ``"cuda"``: mamba_ssm's fused CUDA kernel, the default on CUDA when its compiled extension
+  imports and the call fits it (one dtype for u, delta and z; equal B/C groups; no
+  ``initial_state``): other calls go to ``"triton"``; asking for ``"cuda"`` with them is a
+  ``ValueError``.
 
 Every backend but ``"cuda"`` takes an ``initial_state``, the state before the first step (the
-last state of the previous piece of a sequence scanned piece by piece); ``"reference"`` and
-``"chunked"`` return its gradient.
+last state of the previous piece of a sequence scanned piece by piece); all but ``"cpu"``
+return its gradient. Under ``torch.compile`` a call is one ``esh::selective_scan`` node
+(``compiled.py``) whose backend is picked when the graph runs.
 
 Pick one with ``backend=`` or the ``ESH_SCAN_BACKEND`` environment variable; otherwise the
 dispatcher takes the fastest backend that can run the inputs.
@@ -194,8 +200,8 @@ def selective_scan(
         delta_bias: (dim,) added to delta before the optional softplus.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state (batch, dim, N).
-        backend: ``"reference"``, ``"chunked"``, ``"cpu"`` or ``"cuda"``; default: the fastest
-            that can run the inputs.
+        backend: ``"reference"``, ``"chunked"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default:
+            the fastest that can run the inputs.
         initial_state: (batch, dim, N) state before the first step (default zero), e.g. the
             last state of the previous piece of a sequence; gradients flow to it. Not taken by
             ``"cuda"`` (mamba_ssm's kernel has none).
