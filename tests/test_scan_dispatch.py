@@ -55,7 +55,6 @@ def test_mamba_ssm_takes_only_the_inputs_its_kernel_runs():
     assert mamba_cuda.unsupported_reason(x["u"], x["delta"], x["B"], x["C"], x["z"], None) is None
     mixed = _mixed_groups()
     assert "same number of groups" in mamba_cuda.unsupported_reason(x["u"], x["delta"], mixed["B"], x["C"], None, None)
-    assert "dtype" in mamba_cuda.unsupported_reason(x["u"], x["delta"].half(), x["B"], x["C"], None, None)
     assert "initial_state" in mamba_cuda.unsupported_reason(x["u"], x["delta"], x["B"], x["C"], None, x["u"])
     assert "float64" in mamba_cuda.unsupported_reason(x["u"].double(), x["delta"].double(), x["B"], x["C"], None, None)
 
@@ -130,3 +129,38 @@ def test_mamba_models_compile_to_one_graph(name, kwargs, size):
     model = esh.create_model(name, num_classes=10, **kwargs).eval()
     explained = torch._dynamo.explain(model)(torch.randn(1, 3, size, size))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_the_mamba_ssm_pass_through_gives_its_kernel_what_it_checks_for(monkeypatch):
+    """A stand-in with selective_scan_fn's TORCH_CHECKs (dtypes, unit stride along L, float32
+    A/D/delta_bias) that computes with the reference: mixed dtypes and Vim's sequence-major
+    views reach it as it requires, and the result is the scan's."""
+    from esh.ops.selective_scan.reference import selective_scan_reference
+
+    seen = {}
+
+    def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        assert u.dtype in (torch.float32, torch.float16, torch.bfloat16) and A.dtype == torch.float32
+        for name, t in (("delta", delta), ("z", z), ("B", B), ("C", C)):
+            wanted = torch.float32 if name in "BC" and t.dim() == 2 else u.dtype
+            assert t.dtype == wanted, (name, t.dtype)
+            assert t.stride(-1) == 1, name
+        assert D.dtype == torch.float32 and delta_bias.dtype == torch.float32
+        seen["u_copied"] = u.data_ptr() != seen.get("u_ptr")
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    monkeypatch.setattr(mamba_cuda, "_import_interface", lambda: kernel)
+    x = scan_inputs(seqlen=7, B_mode="constant")
+    mixed = dict(x, delta=x["delta"].double(), z=x["z"].half(), D=x["D"].half())
+    expected = selective_scan_reference(**x, delta_softplus=True)
+    torch.testing.assert_close(
+        mamba_cuda.selective_scan_cuda(**mixed, delta_softplus=True), expected, rtol=2e-3, atol=2e-3
+    )
+    # a (batch, dim, L) view of (batch, L, dim) memory has no unit stride along L: copied once
+    seq_major = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    seen["u_ptr"] = seq_major.data_ptr()
+    mamba_cuda.selective_scan_cuda(**dict(x, u=seq_major), delta_softplus=True)
+    assert seen["u_copied"]
+    seen["u_ptr"] = x["u"].data_ptr()  # already unit stride: passed as it is
+    mamba_cuda.selective_scan_cuda(**x, delta_softplus=True)
+    assert not seen["u_copied"]

@@ -31,11 +31,10 @@ def state_update_available() -> bool:
 
 
 def unsupported_reason(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, initial_state) -> str | None:
-    """Why mamba_ssm's CUDA kernel cannot run these inputs as they are, or None."""
+    """Why mamba_ssm's CUDA kernel cannot run these inputs, or None (``selective_scan_cuda``
+    casts delta, z, B and C to the dtypes it checks for)."""
     if initial_state is not None:
         return "it takes no initial_state"
-    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
-        return "u, delta and z must share a dtype"
     if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"it computes in float32/float16/bfloat16, not {u.dtype}"
     groups = [t.shape[1] if t.dim() == 4 else 1 for t in (B, C) if t.dim() != 2]
@@ -68,13 +67,18 @@ def selective_scan_cuda(
     return_last_state: bool = False,
 ):
     fn = _import_interface()
-    # the kernel wants a contiguous last axis and float32 D / delta_bias
-    u, delta = u.contiguous(), delta.contiguous()
-    B, C = B.contiguous(), C.contiguous()
-    z = None if z is None else z.contiguous()
+    # what its TORCH_CHECKs require: delta, z and input-dependent B/C in u's dtype, constant B/C,
+    # A, D and delta_bias in float32, and a unit stride along L (copied only where it is missing)
+    delta = _unit_last_stride(delta.to(u.dtype))
+    z = None if z is None else _unit_last_stride(z.to(u.dtype))
+    B, C = (_unit_last_stride(t.float() if t.dim() == 2 else t.to(u.dtype)) for t in (B, C))
     D = None if D is None else D.float()
     delta_bias = None if delta_bias is None else delta_bias.float()
-    return fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return fn(_unit_last_stride(u), delta, A.float(), B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
 # mamba_ssm takes state_batch_indices since 2.2.3 and treats a negative one as padding (zero
