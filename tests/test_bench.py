@@ -112,3 +112,19 @@ def test_an_unknown_device_is_a_clear_error():
     bench.add_arguments(parser)
     with pytest.raises(ValueError, match="--device must be cpu or a torch device"):
         bench.main_from_args(parser.parse_args(["--quick", "--device", "bogus"]))
+
+
+@pytest.mark.slow
+def test_device_stack_figures_run_on_any_device():
+    from esh.bench import device_stack
+
+    cpu = torch.device("cpu")
+    vision = device_stack.vision_rows(cpu, ("mambavision_nano",), (2,), 2, 64, repeats=1)
+    assert set(vision[0]) == {"model", "infer b2 img/s", "train b2 img/s"} and vision[0]["train b2 img/s"] > 0
+    tiny = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, expert_hidden=32)
+    lm = device_stack.lm_rows(cpu, "small", 2, 16, (8,), 2, repeats=1, **tiny)
+    assert [r["unit"] for r in lm] == ["tokens/s", "ms/token"] and all(r["value"] > 0 for r in lm)
+    memory = device_stack.memory_row(cpu, "medium", 1, 16, **tiny)
+    assert memory["unit"] == "GiB peak" and (memory["value"] is None or memory["value"] > 0)
+    table = device_stack.format_tables("cpu", vision, [*lm, memory])
+    assert "| mambavision_nano | " in table and "esh_small decode, context 8" in table
