@@ -36,7 +36,9 @@ def _load_model(args: argparse.Namespace):
 def _cmd_predict(args: argparse.Namespace) -> int:
     from esh.inference import predict
 
-    results = predict(_load_model(args), args.images, topk=args.topk, device=args.device, amp=args.amp)
+    results = predict(
+        _load_model(args), args.images, topk=args.topk, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype
+    )
     for path, preds in zip(args.images, results):
         print(path)
         for p in preds:
@@ -62,6 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         amp=args.amp,
         workers=args.workers,
         img_size=args.img_size,
+        amp_dtype=args.amp_dtype,
     )
     print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images")
     return 0
@@ -115,9 +118,9 @@ _TRAIN_FLAGS = {
     "re_prob": (float, "random-erasing probability"),
     "max_steps": (int, "stop after this many optimizer steps"),
     "save_every": (int, "also checkpoint every N optimizer steps"),
+    "log_interval": (int, "write steps.csv and refresh the progress bar every N optimizer steps (default 10)"),
 }
 _TRAIN_SWITCHES = {
-    "amp": "bfloat16 autocast on CPU, float16 with a grad scaler on CUDA",
     "ema": "keep an EMA of the weights and validate it too",
     "grad_checkpointing": "recompute blocks in the backward to save memory (default: the model's choice)",
     "channels_last": "channels-last memory format",
@@ -148,6 +151,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # --resume, the saved run's) values; `0` is a value (e.g. --clip-grad 0), not "unset"
     overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     overrides.update({k: True for k in _TRAIN_SWITCHES if getattr(args, k)})
+    if args.amp:
+        overrides["amp"] = True
+    if args.amp_dtype is not None:
+        overrides["amp_dtype"] = args.amp_dtype
     if args.augment is False:
         overrides["augment"] = False
     if args.no_grad_checkpointing:
@@ -174,7 +181,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from esh.embed import get_adapter
     from esh.embed.dataset import embed_dataset
 
-    adapter = get_adapter(args.model, args.checkpoint, device=args.device, amp=args.amp)
+    adapter = get_adapter(args.model, args.checkpoint, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype)
     path = embed_dataset(adapter, args.data, args.out, batch_size=args.batch_size, layers=args.layers)
     print(f"wrote {path} ({args.model}, pooling: {adapter.pooling})")
     return 0
@@ -255,6 +262,8 @@ def _cmd_lm_train(args: argparse.Namespace) -> int:
     training = {k: v for k, v in vars(args).items() if k in _LM_TRAIN_FLAGS and v is not None}
     if args.amp:
         training["use_amp"] = True
+    if args.amp_dtype is not None:
+        training["amp_dtype"] = args.amp_dtype
     if args.checkpointing:
         training["use_checkpoint"] = True
     if args.smoke_test:
@@ -331,7 +340,7 @@ def _add_lm_parser(sub) -> None:
     for name, (kind, text) in _LM_TRAIN_FLAGS.items():
         flag = "--out" if name == "out_dir" else "--" + name.replace("_", "-")
         train.add_argument(flag, dest=name, type=kind, help=text)
-    train.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    _add_amp_arguments(train, "mixed precision")
     train.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (recompute blocks)")
     train.add_argument("--resume", help="an output directory of esh lm train to continue exactly")
     train.add_argument("--sample-tokens", type=int, default=200, help="tokens generated at the end (default 200)")
@@ -348,6 +357,17 @@ def _add_lm_parser(sub) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_cmd_lm_generate)
+
+
+def _add_amp_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--amp`` and ``--amp-dtype``: one meaning wherever a command runs a model."""
+    parser.add_argument("--amp", action="store_true", help=f"{what} (autocast; see --amp-dtype)")
+    parser.add_argument(
+        "--amp-dtype",
+        choices=("bfloat16", "float16"),
+        help="with --amp (default: bfloat16 on CPU and on GPUs that have it, Ampere and newer; else float16, "
+        "with a gradient scaler when training on CUDA)",
+    )
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -373,13 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="weights: the authors' released file or an esh checkpoint")
         p.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
         p.add_argument("--device", default="cpu")
-        p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CPU, float16 on CUDA")
+        _add_amp_arguments(p, "mixed-precision inference")
 
     train = sub.add_parser("train", help="train a model (default: esh's hybrid on the embedded digits)")
     for name, (kind, text) in _TRAIN_FLAGS.items():
         train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     for name, text in _TRAIN_SWITCHES.items():
         train.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    _add_amp_arguments(train, "mixed-precision training")
     train.add_argument(
         "--no-aug", dest="augment", action="store_false", default=None, help="train on the evaluation transform"
     )
@@ -448,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--layers", action="store_true", help="also one embedding per block (.npz/.parquet)")
     embed.add_argument("--batch-size", type=int, default=32)
     embed.add_argument("--device", default="cpu")
-    embed.add_argument("--amp", action="store_true")
+    _add_amp_arguments(embed, "mixed-precision inference")
     embed.set_defaults(func=_cmd_embed)
 
     align = sub.add_parser("align", help="alignment of two embeddings of the same items (MKNN, CKA)")

@@ -6,7 +6,6 @@ Preprocessing is the model's own evaluation recipe, read from its ``pretrained_c
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from esh._compat import import_timm, import_torchvision
+from esh.train.precision import autocast, enable_tf32
 
 
 def eval_transform(model: nn.Module, img_size: int | None = None, crop_pct: float | None = None) -> Callable:
@@ -49,13 +49,6 @@ def imagenet_class_names() -> list[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @dataclass
 class Prediction:
     index: int
@@ -71,13 +64,16 @@ def predict(
     device: str | torch.device = "cpu",
     amp: bool = False,
     class_names: Sequence[str] | None = None,
+    amp_dtype: str | None = None,
 ) -> list[list[Prediction]]:
-    """Top-k classes with probabilities for each image file."""
+    """Top-k classes with probabilities for each image file. ``amp``: autocast to ``amp_dtype``
+    (default: bfloat16 on CPU and on GPUs that have it, else float16)."""
     device = torch.device(device)
+    enable_tf32(device)
     model = model.eval().to(device)
     transform = eval_transform(model)
     batch = torch.stack([transform(load_image(p)) for p in images]).to(device)
-    with _autocast(device, amp):
+    with autocast(device, amp, amp_dtype):
         probs = model(batch).float().softmax(-1)
     if class_names is None:
         class_names = imagenet_class_names() if probs.shape[-1] == 1000 else [str(i) for i in range(probs.shape[-1])]
@@ -87,7 +83,7 @@ def predict(
     ]
 
 
-def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size) -> dict[str, float]:
+def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype) -> dict:
     """The validation split of a training data spec (``digits``, ``.npz``, ``hf:NAME``), with
     the same loaders as ``esh train`` and the model's evaluation transform."""
     from esh.data.datasets import build_datasets
@@ -98,7 +94,16 @@ def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, i
         raise ValueError(f"{spec} has {len(classes)} classes but the model predicts {num_classes}")
     val.transform = eval_transform(model, img_size)
     return _run_eval(
-        model.eval().to(device), val, torch.arange(num_classes), spec, batch_size, device, amp, workers, progress
+        model.eval().to(device),
+        val,
+        torch.arange(num_classes),
+        spec,
+        batch_size,
+        device,
+        amp,
+        workers,
+        progress,
+        amp_dtype,
     )
 
 
@@ -127,19 +132,22 @@ def evaluate(
     workers: int = 0,
     progress: bool = True,
     img_size: int | None = None,
+    amp_dtype: str | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``), or on the
-    validation split of a training data spec (``digits``, ``FILE.npz``, ``hf:NAME``)."""
+    validation split of a training data spec (``digits``, ``FILE.npz``, ``hf:NAME``). ``amp``:
+    autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have it, else float16)."""
     tv = import_torchvision()
     spec = str(data_dir)
+    device = torch.device(device)
+    enable_tf32(device)
     if spec == "digits" or spec.startswith("hf:") or spec.endswith(".npz"):
-        return _evaluate_dataset(model, spec, batch_size, torch.device(device), amp, workers, progress, img_size)
+        return _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype)
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data directory {root} does not exist")
     if (root / "val").is_dir() and not any(p.suffix for p in (root / "val").iterdir() if p.is_file()):
         root = root / "val"
-    device = torch.device(device)
     model = model.eval().to(device)
 
     def loader(path: str):
@@ -151,19 +159,20 @@ def evaluate(
         raise ValueError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
     num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
     target_map = torch.tensor(_label_map(dataset.classes, num_classes))
-    return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress)
+    return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress, amp_dtype)
 
 
-def _run_eval(model, dataset, target_map, name, batch_size, device, amp, workers, progress) -> dict[str, float]:
+def _run_eval(model, dataset, target_map, name, batch_size, device, amp, workers, progress, amp_dtype) -> dict:
     from tqdm.auto import tqdm
 
-    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    pin = device.type == "cuda"  # pinned batches: the copies to the GPU overlap the computation
+    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin)
     correct1 = correct5 = seen = 0
     bar = tqdm(data, desc=f"eval {name}", unit="batch", disable=not progress)
     for images, targets in bar:
-        targets = target_map[targets].to(device)
-        with _autocast(device, amp):
-            logits = model(images.to(device)).float()
+        targets = target_map[targets].to(device, non_blocking=True)
+        with autocast(device, amp, amp_dtype):
+            logits = model(images.to(device, non_blocking=True)).float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += int((top[:, 0] == targets).sum())
         correct5 += int((top == targets[:, None]).any(-1).sum())

@@ -47,3 +47,41 @@ def test_bench_scan_rejects_a_bad_shape(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "scan", "--shape", "1,8,20"])
     assert "four positive integers" in capsys.readouterr().err
+
+
+def test_amp_dtype_is_one_flag_that_reaches_every_command_with_amp(monkeypatch, tmp_path):
+    import esh.embed
+    import esh.inference
+    import esh.train
+    import esh.train.lm_job
+
+    seen = {}
+
+    def record(name):
+        def fake(*args, **kwargs):
+            seen[name] = kwargs
+            raise ValueError("stop here")  # a user error: main() returns 2
+
+        return fake
+
+    monkeypatch.setattr(esh.train, "train", record("train"))
+    monkeypatch.setattr(esh.train.lm_job, "train_lm", record("lm"))
+    monkeypatch.setattr(esh.embed, "get_adapter", record("embed"))
+    monkeypatch.setattr(esh.inference, "evaluate", record("eval"))
+    monkeypatch.setattr(esh.inference, "predict", record("predict"))
+    monkeypatch.setattr("esh.cli._load_model", lambda args: None)
+    model = ["--model", "mambavision_nano"]
+    commands = {
+        "train": ["train", "--resume", str(tmp_path)],
+        "lm": ["lm", "train"],
+        "embed": ["embed", *model, "--data", "digits", "--out", str(tmp_path / "e.npy")],
+        "eval": ["eval", *model, "--data", "digits"],
+        "predict": ["predict", *model, "x.png"],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--amp", "--amp-dtype", "float16"]) == 2, name
+        assert seen.pop(name)["amp_dtype"] == "float16", name
+        main([*argv, "--amp"])
+        assert seen.pop(name).get("amp_dtype") is None, name  # unset: the device's default
+    with pytest.raises(SystemExit):
+        main(["train", "--amp-dtype", "float8"])

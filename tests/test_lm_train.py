@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -196,3 +197,41 @@ def test_torchrun_two_processes_train_the_moe_model(tmp_path, mode):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_training_checkpoint(out / "last.pth")["global_step"] == 3
+
+
+def _count_reads_by_the_trainers(monkeypatch) -> list[str]:
+    """Every tensor -> Python conversion (each one waits for the device) made by esh.train's code."""
+    import sys
+
+    calls: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("esh.train"):
+                calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("log_interval, reads", [(1, 8), (4, 2)])
+def test_step_statistics_are_read_from_the_device_once_per_log_interval(tmp_path, monkeypatch, log_interval, reads):
+    model = tiny_esh()
+    losses = []
+    model.register_forward_hook(lambda m, args, out: losses.append(out.loss.item()))
+    train, _ = loaders()
+    cfg = config(tmp_path, max_steps=8, gradient_accumulation_steps=2, log_interval=log_interval)
+    trainer = Trainer(model, train, cfg)
+    calls = _count_reads_by_the_trainers(monkeypatch)
+    trainer.train()
+    monkeypatch.undo()
+    assert calls == ["tolist"] * reads  # one read of all the pending steps' values at a time
+    with open(tmp_path / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    # each row still holds its own step's loss: the mean over the step's two micro-batches
+    expected = [(a / 2 + b / 2) for a, b in zip(losses[::2], losses[1::2])]
+    assert [float(r["loss"]) for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert all(float(r["grad_norm"]) > 0 for r in rows)

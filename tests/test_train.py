@@ -335,3 +335,44 @@ def test_the_training_options_run_together(tmp_path):
     result = train(cfg)
     history = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["history"]
     assert "val_acc_ema" in history[-1] and result["final_val_acc"] >= 0
+
+
+@pytest.mark.parametrize("log_interval, reads", [(1, 5), (3, 2)])
+def test_losses_are_read_from_the_device_once_per_log_interval(tmp_path, monkeypatch, log_interval, reads):
+    import sys
+
+    from esh.train.trainer import EpochSampler
+
+    trainer = Trainer(_cfg(tmp_path, epochs=1, max_steps=5, log_interval=log_interval))
+    losses = []
+    criterion = trainer.criterion
+    trainer.criterion = lambda logits, targets: losses.append(criterion(logits, targets)) or losses[-1]
+    trainer.step_log = _StepRows()
+    calls = []  # tensor -> Python conversions (each one waits for the device) made by esh.train's code
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            caller = sys._getframe(1)
+            on_device = caller.f_code is not EpochSampler.__iter__.__code__  # the order of the data is on the host
+            if on_device and caller.f_globals.get("__name__", "").startswith("esh.train"):
+                calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    row = trainer.train_epoch()
+    monkeypatch.undo()
+    assert calls == ["tolist"] * reads  # one read of all the pending steps' values at a time
+    step_losses = [float(loss) for loss in losses]
+    assert [r["step"] for r in trainer.step_log.rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in trainer.step_log.rows] == pytest.approx(step_losses, rel=1e-6)
+    # the epoch's loss is still the mean of the step losses (equal batches)
+    assert row["train_loss"] == pytest.approx(sum(step_losses) / len(step_losses), rel=1e-6)
+
+
+class _StepRows:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, row):
+        self.rows.append(row)

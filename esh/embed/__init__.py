@@ -13,13 +13,13 @@ model and any timm model, each with the family's proper pooling and its own prep
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.train.precision import autocast, enable_tf32
 
 __all__ = ["EmbeddingAdapter", "get_adapter"]
 
@@ -29,10 +29,15 @@ class EmbeddingAdapter:
 
     pooling = "forward_head(pre_logits=True)"
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", amp: bool = False):
+    def __init__(
+        self, model: nn.Module, device: str | torch.device = "cpu", amp: bool = False, amp_dtype: str | None = None
+    ):
+        """``amp``: autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have
+        it, else float16); embeddings come out in float32 either way."""
         self.model = model.eval().to(device)
         self.device = torch.device(device)
-        self.amp = amp
+        self.amp, self.amp_dtype = amp, amp_dtype
+        enable_tf32(self.device)
 
     @classmethod
     def load(
@@ -55,9 +60,7 @@ class EmbeddingAdapter:
         return eval_transform(self.model)
 
     def _context(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16)
+        return autocast(self.device, self.amp, self.amp_dtype)
 
     @torch.inference_mode()
     def embed(self, batch: Tensor) -> Tensor:
@@ -123,7 +126,12 @@ class TimmTokenAdapter(EmbeddingAdapter):
 
 
 def get_adapter(
-    name: str, checkpoint_path: str | None = None, device: str = "cpu", amp: bool = False, pretrained: bool = False
+    name: str,
+    checkpoint_path: str | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    pretrained: bool = False,
+    amp_dtype: str | None = None,
 ) -> EmbeddingAdapter:
     """The adapter for a model name: esh's families by prefix, timm's models by their kind.
 
@@ -138,4 +146,4 @@ def get_adapter(
         cls = TimmTokenAdapter
     else:
         cls = EmbeddingAdapter
-    return cls.load(name, checkpoint_path, pretrained=pretrained, device=device, amp=amp)
+    return cls.load(name, checkpoint_path, pretrained=pretrained, device=device, amp=amp, amp_dtype=amp_dtype)

@@ -28,9 +28,11 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random stream a training step draws from: Python's, NumPy's, torch's CPU generator
+    and, when ``device`` is a CUDA device, its generator (dropout and friends draw there)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -40,15 +42,21 @@ def rng_state() -> dict:
         },
         "python": random.getstate(),
     }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved (the CUDA generator too, when both have one)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
         ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     random.setstate(_as_tuple(state["python"]))
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _as_tuple(x):

@@ -11,7 +11,7 @@ dict with ``input_ids`` and optionally ``labels`` (``-100`` = ignored).
 
 What it does, nanoGPT's recipe made resumable: AdamW with weight decay on matrices only (and
 never on parameters marked ``_no_weight_decay``, such as Mamba's ``A_log`` and ``D``), linear
-warm-up then cosine decay to ``min_lr`` per optimizer step, bf16 autocast (``use_amp``),
+warm-up then cosine decay to ``min_lr`` per optimizer step, autocast (``use_amp``, ``amp_dtype``),
 gradient checkpointing (``use_checkpoint``), accumulation, clipping, evaluation of the
 held-out split (loss in nats per token, bits per token, and per byte / per character when the
 config gives bytes / characters per token), atomic checkpoints (``last.pth``, plus the model's
@@ -37,7 +37,10 @@ from torch import Tensor, nn
 
 from esh.models._checkpoint import CheckpointError
 from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
-from esh.train.trainer import _init_distributed, _Logger, _StepLog, seed_everything
+from esh.train.distributed import init_distributed, wrap_ddp, wrap_fsdp
+from esh.train.logs import MetricsLog, StepLog, read_floats
+from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
+from esh.train.trainer import seed_everything
 
 CHECKPOINT_FILE = "last.pth"
 
@@ -60,11 +63,12 @@ class TrainingConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; None or 0: no clipping
     gradient_accumulation_steps: int = 1
     use_amp: bool = False
-    amp_dtype: str = "bfloat16"  # or "float16" (with a gradient scaler on CUDA)
+    amp_dtype: str | None = None  # bfloat16 or float16 (with a gradient scaler on CUDA); None: bfloat16
+    # on the CPU and on GPUs that compute in it, float16 on older GPUs
     use_checkpoint: bool = False  # gradient checkpointing (model.set_grad_checkpointing)
     eval_interval: int = 250  # evaluate every N steps (and at the end); 0: only at the end
     eval_iters: int | None = 100  # evaluation batches; None: the whole evaluation loader
-    log_interval: int = 10  # refresh the progress bar every N steps
+    log_interval: int = 10  # read the step statistics from the device, log them, refresh the bar every N steps
     out_dir: str | None = "runs/lm"  # None: write nothing
     save_every: int = 0  # also checkpoint every N steps (always at evaluations and the end)
     seed: int = 1337
@@ -82,7 +86,7 @@ class TrainingConfig:
             raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
-        if self.amp_dtype not in ("bfloat16", "float16"):
+        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp'; got {self.distributed!r}")
@@ -153,19 +157,6 @@ def _set_epoch(loader, epoch: int) -> None:
             owner.set_epoch(epoch)
 
 
-def _all_rng_state(device: torch.device) -> dict:
-    state = rng_state()
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_all_rng_state(state: dict, device: torch.device) -> None:
-    set_rng_state(state)
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 class Trainer:
     """Train a causal LM. ``train()`` returns the last evaluation (``val_loss`` in nats per
     token, ``val_bits_per_token``, ``val_bpb`` / ``val_bpc`` when the config gives the ratios)
@@ -179,9 +170,9 @@ class Trainer:
         eval_dataloader=None,
     ):
         self.config = cfg = config or TrainingConfig()
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        )
+        setup = init_distributed(cfg.device)  # under torchrun: cuda:LOCAL_RANK, the process group
+        self.device, self.rank, self.world = setup.device, setup.rank, setup.world
+        self.lead = self.rank == 0
         seed_everything(cfg.seed)
         self.model = model.to(self.device)
         self.train_loader, self.eval_loader = train_dataloader, eval_dataloader
@@ -189,16 +180,16 @@ class Trainer:
             if not callable(getattr(model, "set_grad_checkpointing", None)):
                 raise ValueError(f"use_checkpoint=True but {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
-        self.rank, self.world = _init_distributed(self.device)
-        self.lead = self.rank == 0
         self.forward_model = self._wrap(model)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda"
         )
-        self.amp_dtype = getattr(torch, cfg.amp_dtype)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.use_amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        self.amp_dtype = amp_dtype_for(self.device, cfg.amp_dtype)
+        self.scaler = grad_scaler(self.device, cfg.use_amp, cfg.amp_dtype)
+        enable_tf32(self.device)
+        # the step statistics are summed over micro-batches on the device, in float64 like the
+        # Python floats they replace (MPS has no float64)
+        self._stat_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.total_steps = self._total_steps()
         self.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -212,16 +203,9 @@ class Trainer:
         if self.world == 1:
             return model
         if self.config.distributed == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-            for layer in blocks[0] if blocks else []:
-                fully_shard(layer)
-            return fully_shard(model)
-        from torch.nn.parallel import DistributedDataParallel
-
+            return wrap_fsdp(model)
         # (idle MoE experts still run, on zero tokens, so every parameter gets a gradient)
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return wrap_ddp(model, self.device)
 
     def _total_steps(self) -> int:
         cfg = self.config
@@ -239,9 +223,7 @@ class Trainer:
         return per_epoch * cfg.num_epochs
 
     def _autocast(self):
-        if not self.config.use_amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.config.use_amp, self.config.amp_dtype)
 
     # --- data -----------------------------------------------------------------------------
     def _start_epoch(self, skip: int = 0) -> None:
@@ -251,7 +233,7 @@ class Trainer:
         _set_epoch(self.train_loader, self.epoch)
         if self.epoch_rng is None:
             self.epoch_rng = {
-                "rng": _all_rng_state(self.device),
+                "rng": rng_state(self.device),
                 "loader": [g.get_state() for g in _generators(self.train_loader)],
             }
         self._iter = iter(self.train_loader)
@@ -299,7 +281,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.batches_in_epoch,  # micro-batches of this epoch already consumed
             "epoch_rng": self.epoch_rng,
-            "rng": _all_rng_state(self.device),
+            "rng": rng_state(self.device),
             "history": self.history,
         }
 
@@ -344,11 +326,11 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.epoch_rng = ckpt["epoch_rng"]
         if self.epoch_rng is not None:  # rebuild the data iterator exactly as it was
-            _set_all_rng_state(self.epoch_rng["rng"], self.device)
+            set_rng_state(self.epoch_rng["rng"], self.device)
             for g, s in zip(_generators(self.train_loader), self.epoch_rng["loader"]):
                 g.set_state(s)
             self._start_epoch(skip=self.batches_in_epoch)
-        _set_all_rng_state(ckpt["rng"], self.device)
+        set_rng_state(ckpt["rng"], self.device)
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -360,7 +342,7 @@ class Trainer:
             raise ValueError("no evaluation loader: pass eval_dataloader= to Trainer")
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        batches = []
         # a loader's iterator draws a seed from the global RNG: keep training's random stream as
         # it is, so that evaluating (or not) never changes what training does
         devices = [self.device] if self.device.type == "cuda" else []
@@ -369,13 +351,16 @@ class Trainer:
                 if self.config.eval_iters is not None and i >= self.config.eval_iters:
                     break
                 ids, labels = _split_batch(batch)
-                ids, labels = ids.to(self.device), labels.to(self.device)
+                n = int((labels[:, 1:] != -100).sum())  # counted on the host, before the copy
+                ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                 with self._autocast():
                     out = self.model(ids, labels=labels)
-                n = int((labels[:, 1:] != -100).sum())
-                total += float(out.ce_loss.float()) * n
-                count += n
+                batches.append({"ce_loss": out.ce_loss, "n": n})
         self.model.train(was_training)
+        total, count = 0.0, 0
+        for row in read_floats(batches):  # one wait for the device, after the last batch
+            total += row["ce_loss"] * row["n"]
+            count += row["n"]
         if count == 0:
             raise ValueError("the evaluation loader yields no tokens to predict")
         loss = total / count
@@ -387,7 +372,8 @@ class Trainer:
         return result
 
     # --- training -------------------------------------------------------------------------
-    def _micro_step(self, batch, sync: bool) -> tuple[dict[str, float], int]:
+    def _micro_step(self, batch, sync: bool) -> tuple[dict, int]:
+        """Forward and backward of one micro-batch; its statistics stay on the device."""
         ids, labels = _split_batch(batch)
         ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         no_sync = getattr(self.forward_model, "no_sync", None)
@@ -402,39 +388,57 @@ class Trainer:
             if out.loss is None:
                 raise ValueError(f"{type(self.model).__name__} returned no loss for labels")
             self.scaler.scale(out.loss / self.config.gradient_accumulation_steps).backward()
-        stats = {"loss": float(out.loss.detach())}
+        stats = {"loss": out.loss}
         if getattr(out, "ce_loss", None) is not None:
-            stats["ce_loss"] = float(out.ce_loss.detach())
+            stats["ce_loss"] = out.ce_loss
         if getattr(out, "aux_loss", None) is not None:
-            stats["aux_loss"] = float(out.aux_loss.detach())
+            stats["aux_loss"] = out.aux_loss
         alphas = getattr(out, "alphas", None)
         if alphas:
-            stats["alpha_mean"] = float(torch.stack([a.detach().float().mean() for a in alphas]).mean())
-        for k, v in (getattr(out, "moe_stats", None) or {}).items():
-            stats[k] = float(v)
+            stats["alpha_mean"] = torch.stack([a.detach().float().mean() for a in alphas]).mean()
+        stats.update(getattr(out, "moe_stats", None) or {})
+        stats = {k: v.detach().to(self._stat_dtype) if torch.is_tensor(v) else float(v) for k, v in stats.items()}
         return stats, ids.numel()
 
-    def _optimizer_step(self) -> tuple[dict[str, float], int]:
+    def _optimizer_step(self) -> tuple[dict, int]:
         cfg = self.config
         lr = cosine_lr(self.step, cfg.lr, self.min_lr, cfg.warmup_steps, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict = {}
         tokens = 0
         for micro in range(cfg.gradient_accumulation_steps):
             stats, n = self._micro_step(self._next_batch(), sync=micro == cfg.gradient_accumulation_steps - 1)
             tokens += n
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+                v = v / cfg.gradient_accumulation_steps
+                sums[k] = sums[k] + v if k in sums else v
         grad_norm = float("nan")
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"lr": lr, "grad_norm": grad_norm, **sums}, tokens * self.world
+
+    def _log_steps(self, pending: list[dict], step_log: StepLog | None, bar, last_eval: dict) -> dict:
+        """Read the pending steps' statistics from the device (one wait), write them to
+        steps.csv, show the last one; returns it."""
+        rows = read_floats(pending)
+        pending.clear()
+        if step_log is not None:
+            for row in rows:
+                step_log.write(row)
+        row = rows[-1]
+        post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if "alpha_mean" in row:
+            post["alpha"] = f"{row['alpha_mean']:.3f}"
+        if last_eval:
+            post["val"] = f"{last_eval['val_loss']:.4f}"
+        bar.set_postfix(post)
+        return row
 
     def train(self, until: int | None = None) -> dict:
         """Run to ``total_steps`` optimizer steps (continuing after ``load_checkpoint``), or stop
@@ -446,8 +450,8 @@ class Trainer:
         step_log = logger = None
         if self.out is not None and self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            step_log = _StepLog(self.out / "steps.csv", self.step)
-            logger = _Logger(self.out, cfg.log, key="step")
+            step_log = StepLog(self.out / "steps.csv", self.step)
+            logger = MetricsLog(self.out, cfg.log, key="step")
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -458,29 +462,21 @@ class Trainer:
         last_eval: dict[str, float] = {}
         start, tokens_done = time.perf_counter(), 0
         stop = self.total_steps if until is None else min(until, self.total_steps)
+        pending: list[dict] = []  # the steps' rows not yet read from the device
         try:
             while self.step < stop:
                 row, tokens = self._optimizer_step()
                 tokens_done += tokens
-                row = {"step": self.step, **row, "tokens_per_s": tokens_done / (time.perf_counter() - start)}
-                if step_log is not None:
-                    step_log.write(row)
+                pending.append({"step": self.step, **row, "tokens_per_s": tokens_done / (time.perf_counter() - start)})
                 bar.update(1)
-                if self.step % max(cfg.log_interval, 1) == 0 or self.step == self.total_steps:
-                    post = {
-                        "loss": f"{row['loss']:.4f}",
-                        "lr": f"{row['lr']:.2e}",
-                        "tok/s": f"{row['tokens_per_s']:.0f}",
-                    }
-                    if "alpha_mean" in row:
-                        post["alpha"] = f"{row['alpha_mean']:.3f}"
-                    if last_eval:
-                        post["val"] = f"{last_eval['val_loss']:.4f}"
-                    bar.set_postfix(post)
                 at_end = self.step == stop
                 evaluate = self.eval_loader is not None and (
                     at_end or (cfg.eval_interval and self.step % cfg.eval_interval == 0)
                 )
+                save = evaluate or at_end or (cfg.save_every and self.step % cfg.save_every == 0)
+                # a checkpoint's steps are always logged; the device is read once per interval
+                if save or self.step % max(cfg.log_interval, 1) == 0 or self.step == self.total_steps:
+                    row = self._log_steps(pending, step_log, bar, last_eval)
                 # under FSDP every forward gathers shards from all ranks: all of them evaluate
                 fsdp = self.world > 1 and cfg.distributed == "fsdp"
                 if evaluate and fsdp and not self.lead:
@@ -501,7 +497,7 @@ class Trainer:
                         f"val loss {last_eval['val_loss']:.4f} nats/token"
                         + (f", {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else "")
                     )
-                if evaluate or at_end or (cfg.save_every and self.step % cfg.save_every == 0):
+                if save:
                     self.save()
         finally:
             bar.close()

@@ -23,6 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.data.tokenizer import load_tokenizer
 from esh.train.checkpoint import load_training_checkpoint
+from esh.train.distributed import close_distributed, resolve_device
 from esh.train.lm import CHECKPOINT_FILE, Trainer, TrainingConfig
 
 JOB_FILE = "lm_job.json"
@@ -55,14 +56,18 @@ def model_config(name: str, vocab_size: int, block_size: int, **overrides):
 
 def _loaders(data: LMData, cfg: TrainingConfig, workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """Random training windows (one "epoch" = one pass over the training tokens in expectation)
-    and contiguous evaluation windows; under torchrun each process reads its own share."""
+    and contiguous evaluation windows; under torchrun each process reads its own share. On CUDA
+    the batches come in pinned memory (their copies to the GPU overlap the computation)."""
     train_set = RandomBlockDataset(data.train, cfg.block_size, seed=cfg.seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sampler = None
     if world > 1:
         sampler = DistributedSampler(train_set, world, int(os.environ.get("RANK", "0")), shuffle=False)
-    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
-    val = DataLoader(ContiguousBlockDataset(data.val, cfg.block_size), cfg.batch_size, num_workers=workers)
+    pin = resolve_device(cfg.device).type == "cuda"
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin)
+    val = DataLoader(
+        ContiguousBlockDataset(data.val, cfg.block_size), cfg.batch_size, num_workers=workers, pin_memory=pin
+    )
     return train, val
 
 
@@ -79,7 +84,7 @@ def train_lm(
 ) -> dict:
     """Train an ESH LM and return the final evaluation, a generated sample and the output
     directory. ``training`` overrides ``TrainingConfig`` fields (``max_steps``, ``batch_size``,
-    ``block_size``, ``lr``, ``use_amp``, ``use_checkpoint``, ``out_dir``, ...); ``resume`` is an
+    ``block_size``, ``lr``, ``use_amp``, ``amp_dtype``, ``use_checkpoint``, ``out_dir``, ...); ``resume`` is an
     output directory to continue exactly (its own settings are used, the overrides on top)."""
     from esh.models.esh_lm import ESHConfig, ESHModel
 
@@ -118,10 +123,7 @@ def train_lm(
         trainer.load_checkpoint(Path(resume))
     result = trainer.train()
     if trainer.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+        close_distributed()
     sample = ""
     if sample_tokens and trainer.lead:
         sample = generate_with(model, tok, prompt, sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed)

@@ -12,10 +12,7 @@ gradient checkpointing unless ``grad_checkpointing=False`` is given.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +28,9 @@ from esh.data.datasets import build_datasets, collate_check
 from esh.models import create_model
 from esh.models._checkpoint import CheckpointError
 from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
+from esh.train.distributed import close_distributed, init_distributed, wrap_ddp
+from esh.train.logs import MetricsLog, StepLog, read_floats
+from esh.train.precision import amp_dtype_for, autocast, enable_tf32, grad_scaler
 
 DEFAULT_MODEL = "mambavision_nano"
 
@@ -50,6 +50,7 @@ class TrainConfig:
     num_classes: int | None = None
     checkpoint: str | None = None  # initial weights
     amp: bool = False
+    amp_dtype: str | None = None  # bfloat16 or float16; None: bfloat16 on CPU and GPUs that have it
     grad_accum: int = 1
     clip_grad: float | None = 5.0
     label_smoothing: float = 0.1
@@ -71,6 +72,7 @@ class TrainConfig:
     device: str = "cpu"
     out: str = "runs/train"
     log: str = "csv"
+    log_interval: int = 10  # read losses from the device, write steps.csv, refresh the bar every N steps
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
     progress: bool = True
@@ -104,18 +106,6 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.n // self.global_batch - self.skip) * (self.global_batch // self.world)
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -165,7 +155,8 @@ def _transforms(model: nn.Module, cfg: TrainConfig):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        setup = init_distributed(cfg.device)  # under torchrun: cuda:LOCAL_RANK, the process group
+        self.device, self.rank, self.world = setup.device, setup.rank, setup.world
         self.out = Path(cfg.out)
         seed_everything(cfg.seed)
         self.train_set, self.val_set, self.classes = build_datasets(cfg.data, seed=cfg.seed)
@@ -182,14 +173,15 @@ class Trainer:
         if checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
-        self.rank, self.world = _init_distributed(self.device)
         if cfg.batch_size % self.world:
             raise ValueError(
                 f"--batch-size {cfg.batch_size} (the global batch) must divide by the {self.world} processes"
             )
         self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
         # the loader draws worker seeds from its own generator, not the global RNG that the
-        # augmentations use, so that a resumed run replays the same random numbers
+        # augmentations use, so that a resumed run replays the same random numbers; on CUDA
+        # batches come in pinned memory, so that their copies overlap the computation
+        pin = self.device.type == "cuda"
         self.loader = DataLoader(
             self.train_set,
             cfg.batch_size // self.world,
@@ -197,8 +189,9 @@ class Trainer:
             num_workers=cfg.workers,
             drop_last=True,
             generator=torch.Generator().manual_seed(cfg.seed),
+            pin_memory=pin,
         )
-        self.val_loader = DataLoader(self.val_set, cfg.batch_size, num_workers=cfg.workers)
+        self.val_loader = DataLoader(self.val_set, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
         self.steps_per_epoch = max(1, len(self.train_set) // cfg.batch_size // cfg.grad_accum)
         import_timm()
         import timm.loss
@@ -232,22 +225,19 @@ class Trainer:
             self.criterion = timm.loss.SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and amp_dtype == torch.float16)
+        amp_dtype_for(self.device, cfg.amp_dtype)  # a bad name fails here, not at the first step
+        self.autocast = lambda: autocast(self.device, cfg.amp, cfg.amp_dtype)
+        self.scaler = grad_scaler(self.device, cfg.amp, cfg.amp_dtype)
+        enable_tf32(self.device)
         self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.forward_model = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward_model = DistributedDataParallel(self.model)
+            self.forward_model = wrap_ddp(self.model, self.device)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.history = -1.0, []
-        self.step_log: _StepLog | None = None
+        self.step_log: StepLog | None = None
 
     # --- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:
@@ -258,7 +248,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": None if self.ema is None else self.ema.module.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -292,12 +282,13 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.best_acc, self.history = ckpt["global_step"], ckpt["best_acc"], list(ckpt["history"])
 
     # --- loops --------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The objective, and the model's statistics to log (left on the device: see logs.py)."""
         loss = self.criterion(logits.float(), targets)
         logged = {}
         aux_fn = getattr(self.model, "auxiliary_losses", None)
@@ -305,7 +296,7 @@ class Trainer:
             for name, value in aux_fn(self.global_step).items():
                 if name.startswith("loss"):
                     loss = loss + value
-                logged[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
+                logged[name] = value.detach() if torch.is_tensor(value) else float(value)
         return loss, logged
 
     def train_epoch(self) -> dict[str, float]:
@@ -314,8 +305,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.sampler.epoch, self.sampler.skip = self.epoch, self.step_in_epoch * cfg.grad_accum
-        total = correct = 0
-        loss_sum = 0.0
+        means = _RunningMeans()
         start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -325,11 +315,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         micro = 0
+        steps: list[dict] = []  # the step-log rows not yet read from the device
         for images, targets in self.loader:
             if self.step_in_epoch >= self.steps_per_epoch:
                 break
             collate_check(self.num_classes, targets, cfg.data)
-            images, targets = images.to(self.device), targets.to(self.device)
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             hard_targets = targets
@@ -340,9 +331,7 @@ class Trainer:
             loss, logged = self._loss(logits, targets)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             micro += 1
-            loss_sum += float(loss.detach()) * len(images)
-            correct += int((logits.argmax(-1) == hard_targets).sum())
-            total += len(images)
+            means.add(loss.detach(), (logits.argmax(-1) == hard_targets).sum(), len(images))
             if micro % cfg.grad_accum:
                 continue
             if cfg.clip_grad:
@@ -357,43 +346,62 @@ class Trainer:
             self.step_in_epoch += 1
             self.scheduler.step_update(num_updates=self.global_step)
             lr = self.optimizer.param_groups[0]["lr"]
-            if self.step_log is not None:
-                self.step_log.write({"step": self.global_step, "loss": float(loss.detach()), "lr": lr, **logged})
-            rate = total / (time.perf_counter() - start)
-            bar.set_postfix(
-                loss=f"{loss_sum / total:.3f}",
-                acc=f"{100 * correct / total:.1f}",
-                lr=f"{lr:.2e}",
-                img_s=f"{rate:.0f}",
-                **{k: f"{v:.3g}" for k, v in logged.items()},
-            )
+            steps.append({"step": self.global_step, "loss": loss.detach(), "lr": lr, **logged})
             bar.update(1)
-            if cfg.save_every and self.global_step % cfg.save_every == 0 and self.rank == 0:
+            saving = cfg.save_every and self.global_step % cfg.save_every == 0 and self.rank == 0
+            if saving or self.global_step % max(cfg.log_interval, 1) == 0:  # a checkpoint's steps are logged
+                self._log_steps(steps, means, bar, start)
+            if saving:
                 self.save()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 break
+        self._log_steps(steps, means, bar, start)
         bar.close()
         seconds = time.perf_counter() - start
         return {
-            "train_loss": loss_sum / max(total, 1),
-            "train_acc": 100 * correct / max(total, 1),
+            "train_loss": means.loss_sum / max(means.total, 1),
+            "train_acc": 100 * means.correct / max(means.total, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": total / max(seconds, 1e-9),
+            "images_per_s": means.total / max(seconds, 1e-9),
         }
+
+    def _log_steps(self, steps: list[dict], means: _RunningMeans, bar, start: float) -> None:
+        """Read the steps' values from the device (one wait), write them to steps.csv and show
+        the epoch's running means."""
+        rows = means.read(steps)
+        steps.clear()
+        if not rows:
+            return
+        if self.step_log is not None:
+            for row in rows:
+                self.step_log.write(row)
+        logged = {k: v for k, v in rows[-1].items() if k not in ("step", "loss", "lr")}
+        bar.set_postfix(
+            loss=f"{means.loss_sum / means.total:.3f}",
+            acc=f"{100 * means.correct / means.total:.1f}",
+            lr=f"{rows[-1]['lr']:.2e}",
+            img_s=f"{means.total / (time.perf_counter() - start):.0f}",
+            **{k: f"{v:.3g}" for k, v in logged.items()},
+        )
 
     @torch.no_grad()
     def validate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model or self.model
         model.eval()
-        loss_sum, correct, total = 0.0, 0, 0
+        batches = []
         for images, targets in self.val_loader:
             collate_check(self.num_classes, targets, self.cfg.data)
-            images, targets = images.to(self.device), targets.to(self.device)
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             with self.autocast():
                 logits = model(images).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            correct += int((logits.argmax(-1) == targets).sum())
-            total += len(targets)
+            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+            batches.append({"loss": loss, "correct": (logits.argmax(-1) == targets).sum(), "n": len(targets)})
+        rows = read_floats(batches)  # one wait for the device, after the last batch
+        loss_sum, correct, total = 0.0, 0, 0
+        for row in rows:
+            loss_sum += row["loss"]
+            correct += int(row["correct"])
+            total += row["n"]
         return {"val_loss": loss_sum / max(total, 1), "val_acc": 100 * correct / max(total, 1)}
 
     def fit(self) -> dict:
@@ -402,8 +410,8 @@ class Trainer:
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        writer = _Logger(self.out, cfg.log) if lead else None
-        self.step_log = _StepLog(self.out / "steps.csv", self.global_step) if lead else None
+        writer = MetricsLog(self.out, cfg.log) if lead else None
+        self.step_log = StepLog(self.out / "steps.csv", self.global_step) if lead else None
         while self.epoch < cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             hit_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
@@ -426,7 +434,7 @@ class Trainer:
             "out": str(self.out),
         }
 
-    def _end_of_epoch(self, row: dict, writer: _Logger) -> None:
+    def _end_of_epoch(self, row: dict, writer: MetricsLog) -> None:
         row.update(self.validate())
         if self.ema is not None:
             row["val_acc_ema"] = self.validate(self.ema.module)["val_acc"]
@@ -444,87 +452,26 @@ class Trainer:
             )
 
 
-class _StepLog:
-    """One CSV row per optimizer step: loss, learning rate and whatever the model logs.
+class _RunningMeans:
+    """The epoch's training loss and accuracy so far, from per-batch device values that are read
+    together with the step-log rows (see ``read_floats``)."""
 
-    Rows are appended and flushed as training goes; a resumed run first drops the rows of steps
-    it is about to redo (the file is rewritten atomically), so the log stays one row per step.
-    """
+    def __init__(self):
+        self.loss_sum, self.correct, self.total = 0.0, 0, 0
+        self.pending: list[dict] = []
 
-    def __init__(self, path: Path, done_steps: int):
-        self.path = path
-        self.keys: list[str] | None = None
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.keys = list(reader.fieldnames or []) or None
-                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= done_steps]
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                if self.keys:
-                    w = csv.DictWriter(f, fieldnames=self.keys)
-                    w.writeheader()
-                    w.writerows(rows)
-            tmp.replace(path)
-        self.file = open(path, "a", newline="")  # noqa: SIM115  (kept open for the run, closed by close())
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.pending.append({"loss": loss, "correct": correct, "n": n})
 
-    def write(self, row: dict) -> None:
-        if self.keys is None:
-            self.keys = list(row)
-            csv.writer(self.file).writerow(self.keys)
-        csv.DictWriter(self.file, fieldnames=self.keys, extrasaction="ignore").writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _Logger:
-    """metrics.csv always; TensorBoard or wandb on request (optional extras). One row per
-    value of ``key`` (the epoch; the LM trainer logs by step): a rewritten row replaces the old."""
-
-    def __init__(self, out: Path, kind: str, key: str = "epoch"):
-        self.path = out / "metrics.csv"
-        self.kind, self.key = kind, key
-        self.tb = self.wandb = None
-        if kind == "tensorboard":
-            from esh._compat import require
-
-            require("tensorboard", "tensorboard", "--log tensorboard")
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        elif kind == "wandb":
-            from esh._compat import require
-
-            self.wandb = require("wandb", "wandb", "--log wandb")
-            self.wandb.init(project="esh", dir=str(out))
-        elif kind != "csv":
-            raise ValueError(f"--log must be csv, tensorboard or wandb; got {kind!r}")
-
-    def write(self, row: dict) -> None:
-        rows = []
-        if self.path.exists():
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r[self.key]) != row[self.key]]
-        rows.append(row)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        tmp.replace(self.path)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != self.key:
-                    self.tb.add_scalar(k, v, row[self.key])
-        if self.wandb is not None:
-            self.wandb.log(row)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def read(self, steps: list[dict]) -> list[dict]:
+        """Fold the pending batches in; ``steps`` come back as floats, read in the same copy."""
+        rows = read_floats(self.pending + steps)
+        for row in rows[: len(self.pending)]:
+            self.loss_sum += row["loss"] * row["n"]
+            self.correct += int(row["correct"])
+            self.total += row["n"]
+        self.pending = []
+        return rows[len(rows) - len(steps) :]
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -566,8 +513,5 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, **overrides
         trainer.resume(resume)
     result = trainer.fit()
     if trainer.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+        close_distributed()
     return result
