@@ -460,3 +460,56 @@ def test_the_esh_lm_does_not_import_transformers():
     )
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- no host syncs on CUDA
+def _as_on_cuda(monkeypatch, model: ESHModel) -> None:
+    """Take the paths a CUDA input takes: device-side value checks, padded MoE dispatch."""
+    import esh.models.esh_lm as esh_lm
+
+    monkeypatch.setattr(esh_lm, "_checks_on_device", lambda t: True)
+    for layer in model.layers:
+        layer.moe.dispatch = "padded"
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_forward_backward_and_decode_steps_read_nothing_on_the_host_on_cuda(monkeypatch, capacity_factor):
+    from host_syncs import HostSyncs
+
+    model = tiny_model(capacity_factor=capacity_factor)
+    _as_on_cuda(monkeypatch, model)
+    ids = torch.randint(0, 97, (2, 9))
+    with HostSyncs() as syncs:
+        model(ids, labels=ids).loss.backward()
+    assert syncs.ops == []
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, use_cache=True, past_key_values=cache)
+        with HostSyncs() as syncs:
+            model(ids[:, :1], use_cache=True, past_key_values=cache)
+    assert syncs.ops == []
+
+
+def test_the_device_side_range_check_rejects_out_of_range_ids(monkeypatch):
+    model = tiny_model()
+    _as_on_cuda(monkeypatch, model)
+    model(torch.randint(0, 97, (2, 5)))
+    # on a CPU tensor the asynchronous assert fails at once; on CUDA at the next sync
+    with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 97\)"):
+        model(torch.tensor([[1, 97]]))
+
+
+def test_moe_stats_are_read_from_the_device_when_first_accessed():
+    from host_syncs import HostSyncs
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 9))
+    out = model(ids)
+    with HostSyncs() as syncs:
+        tensors = out.moe_stats.tensors()
+        assert len(out.moe_stats) == 5 and "z_loss" in out.moe_stats
+    assert syncs.ops == [] and all(t.dim() == 0 for t in tensors.values())
+    stats = dict(out.moe_stats)
+    assert stats == {k: t.item() for k, t in tensors.items()}
+    assert stats["alpha_mean"] == pytest.approx(torch.stack([a.mean() for a in out.alphas]).mean().item())
+    assert stats["max_expert_fraction"] >= 1 / model.config.n_experts

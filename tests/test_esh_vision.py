@@ -439,3 +439,31 @@ def test_bfloat16_autocast_runs_soft_and_hard_routing(routing):
             out = model(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_act_reads_the_running_tokens_once_per_ponder_step():
+    # which tokens still run is the compute ACT saves: read once to start and once between steps
+    from host_syncs import HostSyncs
+
+    act = AdaptiveComputationTime(8, max_steps=4, halt_bias=-10.0)  # nobody halts before the last step
+    state = torch.randn(6, 8)
+    with HostSyncs() as syncs:
+        _, steps, _ = act(state, lambda s, running: s + 1)
+    assert (steps == 4).all()
+    assert syncs.ops == ["nonzero", "index(bool)", "index(bool)"]
+    with HostSyncs() as syncs:
+        AdaptiveComputationTime(8, max_steps=1)(state, lambda s, running: s + 1)
+    assert syncs.ops == []
+
+
+def test_hard_routing_tells_none_and_all_selected_from_one_read():
+    from host_syncs import HostSyncs
+
+    block = HybridVisionBlock(16, num_heads=2, window_size=4, max_ponder_steps=0).eval()
+    h = torch.randn(1, 4, 4, 16)
+    none, every = torch.zeros(1, 4, 4, dtype=torch.bool), torch.ones(1, 4, 4, dtype=torch.bool)
+    for selected, exclusive in ((none, False), (none, True), (every, True)):
+        block.exclusive = exclusive
+        with torch.no_grad(), HostSyncs() as syncs:
+            block._mix_hard(h, selected, torch.rand(1, 4, 4))
+        assert syncs.ops == ["nonzero"], (bool(selected.any()), exclusive)

@@ -58,12 +58,18 @@ class AdaptiveComputationTime(nn.Module):
         """
         M = state.shape[0]
         h = self.halting_probability(state)
-        halted = (h >= 1 - self.eps) | torch.tensor(self.max_steps == 1, device=state.device)
+        halted = h >= 1 - self.eps
+        if self.max_steps == 1:
+            halted = torch.ones_like(halted)
         p = torch.where(halted, torch.ones_like(h), h)
         out = p.unsqueeze(-1) * state
         remainder = torch.where(halted, torch.ones_like(h), torch.zeros_like(h))
         steps = torch.ones(M, device=state.device, dtype=state.dtype)
+        if self.max_steps == 1:
+            return out, steps, steps + remainder
         cum = h.masked_fill(halted, 0.0)  # halting sum of the running tokens
+        # Only the running tokens take a step: that is ACT's saving, and it needs their number on
+        # the host (nonzero / boolean indexing: one device sync per ponder step on a GPU).
         running = (~halted).nonzero().squeeze(1)
         for n in range(2, self.max_steps + 1):
             if running.numel() == 0:
@@ -83,5 +89,6 @@ class AdaptiveComputationTime(nn.Module):
             remainder = remainder.index_add(0, running, torch.where(done, r, torch.zeros_like(r)))
             steps = steps.index_fill(0, running, float(n))
             cum = cum.index_add(0, running, torch.where(done, torch.zeros_like(h_n), h_n))
-            running = running[~done]
+            if n < self.max_steps:
+                running = running[~done]
         return out, steps, steps + remainder

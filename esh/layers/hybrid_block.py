@@ -161,10 +161,11 @@ class HybridVisionBlock(nn.Module):
             return self._mix_exclusive(h, selected)
         B, H, W, C = h.shape
         s = self.ssm(h.reshape(B, H * W, C)).reshape(B * H * W, C)
-        sel = selected.flatten()
-        if not bool(sel.any()):
+        # hard routing skips the attention of unselected patches: the selected ones are gathered,
+        # which takes their number on the host (one sync; nonzero alone, its size answers "any?")
+        index = selected.flatten().nonzero().squeeze(1)
+        if index.numel() == 0:
             return s.view(B, H, W, C)
-        index = sel.nonzero().squeeze(1)
         a = self.attn.forward_tokens(h.reshape(B * H * W, C)[index], index, (B, H, W))
         w = alpha.reshape(-1)[index].unsqueeze(-1).to(h.dtype)
         return s.index_copy(0, index, w * a + (1 - w) * s[index]).view(B, H, W, C)
@@ -172,12 +173,11 @@ class HybridVisionBlock(nn.Module):
     def _mix_exclusive(self, h: Tensor, selected: Tensor) -> Tensor:
         B, H, W, C = h.shape
         flat = h.reshape(B * H * W, C)
-        sel = selected.flatten()
-        if not bool(sel.any()):
+        index = selected.flatten().nonzero().squeeze(1)  # one sync answers "none?" and "all?" too
+        if index.numel() == 0:
             return self.ssm(h.reshape(B, H * W, C)).view(B, H, W, C)
-        if bool(sel.all()):
+        if index.numel() == flat.shape[0]:
             return self.attn(h)
-        index = sel.nonzero().squeeze(1)
         y = torch.zeros_like(flat).index_copy(0, index, self.attn.forward_tokens(flat[index], index, (B, H, W)))
         seq, valid, lengths = gather_sequences(~selected.view(B, H * W))
         tokens = h.reshape(B, H * W, C).gather(1, seq.unsqueeze(-1).expand(-1, -1, C))
@@ -198,10 +198,14 @@ class HybridVisionBlock(nn.Module):
         """ACT on the patches where ``ponder`` is True; returns x and the mean ponder cost over
         all patches (N + R; 2 for a patch that stops after the block's own step)."""
         B, H, W, C = x.shape
-        if self.act.max_steps == 1 or x.device.type == "meta" or not bool(ponder.any()):
+        if self.act.max_steps == 1 or x.device.type == "meta":
+            return x, x.new_full((), 2.0, dtype=torch.float32)
+        # pondering patches attend to each other only, so they are gathered: their number is read
+        # on the host (one sync, inherent to skipping the others' work)
+        positions = ponder.flatten().nonzero().squeeze(1)
+        if positions.numel() == 0:
             return x, x.new_full((), 2.0, dtype=torch.float32)
         flat = x.reshape(B * H * W, C)
-        positions = ponder.flatten().nonzero().squeeze(1)
         out, _, cost = self.act(flat[positions], self._ponder_step((B, H, W), positions))
         x = flat.index_copy(0, positions, out).view(B, H, W, C)
         total = cost.float().sum() + 2.0 * (B * H * W - positions.numel())

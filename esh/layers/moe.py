@@ -12,6 +12,18 @@ Without ``capacity_factor`` no token is dropped: tokens are sorted by expert and
 runs once on its group. With it, each expert takes at most ``ceil(capacity_factor · T / E)`` of
 the T tokens, first come first served in (batch, position) order; the overflow gets a zero
 output (it continues on the residual path) and the dropped fraction is reported.
+
+Two ways to run the experts give the same result (``dispatch``):
+
+* ``"grouped"``: tokens sorted by expert, each expert runs once on exactly its own tokens. The
+  group sizes are read on the host, which on a GPU waits for the device (one sync per layer).
+* ``"padded"``: each expert runs on a slab of fixed size, its tokens in their order then zero
+  rows: every shape is known in advance, so nothing waits for the device (and the layer can be
+  captured in a CUDA graph). The slab holds ``ceil(capacity_factor · T / E)`` rows, all T
+  tokens when dropless: dropless, every expert then does the work of all tokens.
+
+``"auto"`` (the default) is padded on CUDA and grouped elsewhere: on a CPU a sync costs nothing
+and padding only adds work.
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["MoEAux", "SwiGLU", "SwitchMoE"]
+
+DISPATCH_MODES = ("auto", "grouped", "padded")
 
 
 class SwiGLU(nn.Module):
@@ -62,6 +76,14 @@ def _token_mean(values: Tensor, weight: Tensor | None) -> Tensor:
     return (values * weight.view(-1, *([1] * (values.dim() - 1)))).sum(0)
 
 
+def _capacity(capacity_factor: float, n_tokens: int | Tensor, n_exp: int) -> int | Tensor:
+    """``ceil(capacity_factor · n_tokens / n_exp)``; a tensor count stays on its device (same
+    float64 arithmetic as Python's)."""
+    if isinstance(n_tokens, Tensor):
+        return torch.ceil(n_tokens.double() * capacity_factor / n_exp)
+    return math.ceil(capacity_factor * n_tokens / n_exp)
+
+
 class SwitchMoE(nn.Module):
     def __init__(
         self,
@@ -71,16 +93,20 @@ class SwitchMoE(nn.Module):
         capacity_factor: float | None = None,
         router_jitter: float = 0.0,
         router_init_scale: float = 0.1,
+        dispatch: str = "auto",
     ):
         super().__init__()
         if n_experts < 1 or hidden < 1:
             raise ValueError(f"SwitchMoE: n_experts and hidden must be >= 1; got {n_experts}, {hidden}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"SwitchMoE: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"SwitchMoE: dispatch must be one of {DISPATCH_MODES}; got {dispatch!r}")
         self.d_model, self.hidden, self.n_experts = d_model, hidden, n_experts
         self.capacity_factor = capacity_factor
         self.router_jitter = router_jitter
         self.router_init_scale = router_init_scale
+        self.dispatch = dispatch
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
         self.reset_router()
@@ -107,6 +133,7 @@ class SwitchMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens, n_exp = x.shape[0], self.n_experts
+        padded = self.dispatch == "padded" or (self.dispatch == "auto" and x.is_cuda)
         logits, probs = self.route(x)
         gate, expert = probs.max(dim=-1)
         real = weight = None
@@ -114,11 +141,15 @@ class SwitchMoE(nn.Module):
             if token_mask.shape != shape[:-1]:
                 raise ValueError(f"SwitchMoE: token_mask must be {tuple(shape[:-1])}; got {tuple(token_mask.shape)}")
             real = token_mask.reshape(-1).to(torch.bool)
-            n_tokens = int(real.sum())
-            weight = real.float() / max(n_tokens, 1)
+            if padded:  # the count stays on the device
+                n_tokens = real.sum()
+                weight = real.float() / n_tokens.clamp(min=1)
+            else:
+                n_tokens = int(real.sum())
+                weight = real.float() / max(n_tokens, 1)
 
         with torch.no_grad():
-            dispatch = F.one_hot(expert, n_exp).float()
+            dispatch = (expert[:, None] == torch.arange(n_exp, device=x.device)).float()
             if real is not None:
                 dispatch = dispatch * real[:, None]
             expert_fraction = _token_mean(dispatch, weight)
@@ -126,7 +157,7 @@ class SwitchMoE(nn.Module):
                 keep = real
                 dropped = torch.zeros((), device=x.device)
             else:
-                capacity = math.ceil(self.capacity_factor * n_tokens / n_exp)
+                capacity = _capacity(self.capacity_factor, n_tokens, n_exp)
                 rank_in_expert = (dispatch.cumsum(0) * dispatch).sum(-1) - 1  # 0 for an expert's first token
                 keep = rank_in_expert < capacity
                 if real is not None:
@@ -135,6 +166,14 @@ class SwitchMoE(nn.Module):
         load_balance = n_exp * (expert_fraction * _token_mean(probs, weight)).sum()
         z_loss = _token_mean(torch.logsumexp(logits, dim=-1).pow(2), weight)
 
+        run = self._run_padded if padded else self._run_grouped
+        y = run(x, expert, keep, gate)
+        aux = MoEAux(load_balance, z_loss, dropped, expert_fraction)
+        return y.reshape(shape[:-1] + (y.shape[-1],)), aux
+
+    def _run_grouped(self, x: Tensor, expert: Tensor, keep: Tensor | None, gate: Tensor) -> Tensor:
+        """Each expert once on exactly its kept tokens (the group sizes are read on the host)."""
+        n_exp = self.n_experts
         # group the tokens by expert (dropped ones get the id n_exp and sort last), run each expert once
         target = expert if keep is None else torch.where(keep, expert, n_exp)
         order = torch.argsort(target, stable=True)
@@ -146,6 +185,26 @@ class SwitchMoE(nn.Module):
         # gradients), so DDP and FSDP see the same gradients on every rank
         outs = [self.experts[e](g) for e, g in enumerate(groups)]
         out = torch.cat(outs) * gate[order, None].to(outs[0].dtype)
-        y = x.new_zeros(x.shape, dtype=out.dtype).index_add(0, order, out)
-        aux = MoEAux(load_balance, z_loss, dropped, expert_fraction)
-        return y.reshape(shape[:-1] + (y.shape[-1],)), aux
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add(0, order, out)
+
+    def _run_padded(self, x: Tensor, expert: Tensor, keep: Tensor | None, gate: Tensor) -> Tensor:
+        """Each expert on a fixed-size slab: its kept tokens in order, then zero rows. No shape
+        depends on the routing, so nothing is read on the host."""
+        n_tokens, n_exp = x.shape[0], self.n_experts
+        slab = n_tokens
+        if self.capacity_factor is not None:  # no expert keeps more (capacity counts real tokens only)
+            slab = min(n_tokens, _capacity(self.capacity_factor, n_tokens, n_exp))
+        with torch.no_grad():
+            kept = torch.ones_like(expert, dtype=torch.bool) if keep is None else keep
+            member = (expert[:, None] == torch.arange(n_exp, device=x.device)) & kept[:, None]
+            rank = (member.long().cumsum(0) * member).sum(-1) - 1
+            # slot of each token in the (E * slab) rows; dropped tokens read the spare zero row
+            spare = n_exp * slab
+            slot = torch.where(kept, expert * slab + rank, spare)
+            source = torch.full((spare + 1,), n_tokens, dtype=torch.long, device=x.device)
+            source.scatter_(0, slot, torch.arange(n_tokens, device=x.device))  # row spare: anything
+        rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[source[:spare]].view(n_exp, slab, x.shape[1])
+        # every expert runs (on zero rows when idle): all parameters stay in the graph, as grouped
+        out = torch.cat([self.experts[e](rows[e]) for e in range(n_exp)])
+        out = torch.cat([out, out.new_zeros(1, out.shape[1])])
+        return out[slot] * (gate * kept).to(out.dtype)[:, None]

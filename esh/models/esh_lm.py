@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ __all__ = [
     "ESHModel",
     "ESHOutput",
     "MambaLM",
+    "MoEStats",
     "esh_large",
     "esh_lm_param_formula",
     "esh_medium",
@@ -184,7 +185,8 @@ class ESHOutput:
     alphas: one (batch, T) float32 tensor of router values per layer (alpha = attention's share).
     moe_stats: floats averaged over layers: ``load_balance_loss`` and ``z_loss`` (unweighted),
         ``dropped_fraction``, ``max_expert_fraction`` (share of tokens of the busiest expert; 1/E
-        is perfect balance), ``alpha_mean``.
+        is perfect balance), ``alpha_mean``; a ``MoEStats`` mapping that reads them from the
+        device when first accessed.
     past_key_values: the cache, when one was used.
     """
 
@@ -193,7 +195,7 @@ class ESHOutput:
     ce_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     alphas: list[Tensor] = field(default_factory=list)
-    moe_stats: dict[str, float] = field(default_factory=dict)
+    moe_stats: Mapping[str, float] = field(default_factory=dict)
     past_key_values: Any | None = None
 
 
@@ -330,7 +332,9 @@ class ESHBlock(nn.Module):
         """Token by token from the cached states, updated in place; a padded token leaves them as they were."""
         outs = []
         for t in range(h.shape[1]):
-            keep = None if token_mask is None or bool(token_mask[:, t].all()) else ~token_mask[:, t]
+            # on CUDA the restore runs whatever the mask holds (a no-op for real tokens) rather than read it
+            all_real = token_mask is None or (not _checks_on_device(token_mask) and bool(token_mask[:, t].all()))
+            keep = None if all_real else ~token_mask[:, t]
             if keep is not None:
                 saved = conv_state.clone(), ssm_state.clone()
             outs.append(self.ssm.step(h[:, t : t + 1], conv_state, ssm_state)[0])
@@ -417,6 +421,12 @@ def _last_real_index(attention_mask: Tensor) -> Tensor:
     return torch.where(attention_mask.bool(), positions, 0).amax(-1)
 
 
+def _checks_on_device(t: Tensor) -> bool:
+    """Whether value checks on ``t`` run asynchronously on its device rather than on the host
+    (CUDA, where a host read waits for every queued kernel)."""
+    return t.is_cuda
+
+
 class _CausalLMMixin:
     """``generate`` and label checking shared by ``ESHModel`` and ``MambaLM``."""
 
@@ -425,10 +435,16 @@ class _CausalLMMixin:
             got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a LongTensor of shape (batch, T); got {got}")
         vocab = self.embed_tokens.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(
-                f"input_ids must lie in [0, {vocab}); got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        if input_ids.numel() and input_ids.device.type != "meta":
+            if _checks_on_device(input_ids):
+                # reading the values would make every forward, each decode step included, wait for
+                # the GPU: the check runs there and fails at the next sync (a device-side assert)
+                in_range = ((input_ids >= 0) & (input_ids < vocab)).all()
+                torch._assert_async(in_range, f"input_ids must lie in [0, {vocab})")
+            else:
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= vocab:
+                    raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{low}, {high}]")
         if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
             raise ValueError(
                 f"labels must be a LongTensor shaped like input_ids {tuple(input_ids.shape)}; got "
@@ -706,21 +722,59 @@ class ESHModel(_CausalLMMixin, nn.Module):
         return model
 
 
-def _moe_stats(auxes: list[MoEAux], alphas: list[Tensor]) -> dict[str, float]:
-    if not auxes:
-        return {}
-    with torch.no_grad():
-        values = torch.stack(
-            [
-                torch.stack([a.load_balance_loss.detach() for a in auxes]).mean(),
-                torch.stack([a.z_loss.detach() for a in auxes]).mean(),
-                torch.stack([a.dropped_fraction.float() for a in auxes]).mean(),
-                torch.stack([a.expert_fraction.max() for a in auxes]).mean(),
-                torch.stack([a.detach().mean() for a in alphas]).mean(),
-            ]
-        ).tolist()  # one device sync
+class MoEStats(Mapping[str, float]):
+    """``ESHOutput.moe_stats``: floats averaged over layers, computed from the layers' tensors when
+    first read (one device sync then; none in a forward whose statistics nobody reads).
+
+    ``tensors()`` gives them as 0-dim tensors on the device, without a sync.
+    """
+
     names = ("load_balance_loss", "z_loss", "dropped_fraction", "max_expert_fraction", "alpha_mean")
-    return dict(zip(names, values))
+
+    def __init__(self, auxes: list[MoEAux], alphas: list[Tensor]):
+        self._auxes, self._alphas = auxes, alphas
+        self._stacked: Tensor | None = None
+        self._values: dict[str, float] | None = None
+
+    def _stack(self) -> Tensor:
+        if self._stacked is None:
+            auxes, alphas = self._auxes, self._alphas
+            with torch.no_grad():
+                self._stacked = torch.stack(
+                    [
+                        torch.stack([a.load_balance_loss.detach() for a in auxes]).mean(),
+                        torch.stack([a.z_loss.detach() for a in auxes]).mean(),
+                        torch.stack([a.dropped_fraction.float() for a in auxes]).mean(),
+                        torch.stack([a.expert_fraction.max() for a in auxes]).mean(),
+                        torch.stack([a.detach().mean() for a in alphas]).mean(),
+                    ]
+                )
+            self._auxes = self._alphas = []
+        return self._stacked
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self._stack().unbind()))
+
+    def _floats(self) -> dict[str, float]:
+        if self._values is None:
+            self._values = dict(zip(self.names, self._stack().tolist()))  # one device sync
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._floats()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"MoEStats({self._floats()})"
+
+
+def _moe_stats(auxes: list[MoEAux], alphas: list[Tensor]) -> Mapping[str, float]:
+    return MoEStats(auxes, alphas) if auxes else {}
 
 
 def _save_pretrained(model: nn.Module, config_dict: dict, save_directory: str | os.PathLike) -> Path:
