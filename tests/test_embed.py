@@ -87,3 +87,48 @@ def test_embed_cli_writes_files_atomically_and_resumes_from_shards(tmp_path, cap
     embed_dataset(adapter, str(tmp_path / "d.npz"), pq_out, layers=True, progress=False)
     assert load_embeddings(pq_out).shape == (40, 256)
     assert load_embeddings(pq_out, column="layer_0").shape == (40, 32)
+
+
+class _OnDevice:
+    """Stands for a CUDA tensor: ``.numpy()`` fails as it does there, ``.cpu()`` gives the values."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def detach(self) -> _OnDevice:
+        return self
+
+    def cpu(self) -> torch.Tensor:
+        return self.t.detach()
+
+    def numpy(self):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+
+def test_embed_dataset_moves_device_embeddings_to_the_host(tmp_path):
+    import numpy as np
+
+    from esh.data.datasets import DIGITS_FILE
+    from esh.embed.dataset import embed_dataset
+
+    with np.load(DIGITS_FILE) as f:
+        np.savez(tmp_path / "d.npz", images=f["images"][:6], labels=f["labels"][:6])
+    adapter = get_adapter("mambavision_nano")
+
+    class OnDeviceAdapter:
+        def preprocessor(self):
+            return adapter.preprocessor()
+
+        def embed(self, images):
+            return _OnDevice(adapter.embed(images))
+
+        def embed_layers(self, images):
+            return [_OnDevice(t) for t in adapter.embed_layers(images)]
+
+    moved = np.load(
+        embed_dataset(OnDeviceAdapter(), str(tmp_path / "d.npz"), tmp_path / "e.npz", layers=True, progress=False)
+    )
+    direct = np.load(embed_dataset(adapter, str(tmp_path / "d.npz"), tmp_path / "f.npz", layers=True, progress=False))
+    assert moved["embedding"].shape == (6, 256) and set(moved) == set(direct)
+    for key in direct:
+        np.testing.assert_array_equal(moved[key], direct[key])

@@ -67,10 +67,10 @@ def embed_dataset(
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=workers)
         embs, labels, per_layer = [], [], []
         for images, targets in loader:
-            embs.append(adapter.embed(images).numpy())
+            embs.append(adapter.embed(images).detach().cpu().numpy())  # --device cuda: to the host first
             labels.append(np.asarray(targets))
             if layers:
-                per_layer.append([t.numpy() for t in adapter.embed_layers(images)])
+                per_layer.append([t.detach().cpu().numpy() for t in adapter.embed_layers(images)])
             bar.update(len(images))
         arrays = {"embedding": np.concatenate(embs), "label": np.concatenate(labels)}
         if layers:

@@ -31,6 +31,7 @@ O(batch * dim * L * N).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -358,10 +359,27 @@ def _scan_backward(p: _Prepared, chunk: int, states: Tensor, dy: Tensor, dlast: 
     return ddt_s, ddtu_s, dA, dB, dC, carry
 
 
+def _float_arithmetic(fn):
+    """Runs ``fn(ctx, x, ...)`` with autocast off on x's device: under autocast the contractions
+    (bmm, einsum) would run in half precision, while the scan promises float32 arithmetic. The
+    inputs are cast to the arithmetic dtype inside anyway; without autocast nothing changes."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, x, *args):
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return fn(ctx, x, *args)
+        with torch.autocast(device, enabled=False):
+            return fn(ctx, x, *args)
+
+    return wrapper
+
+
 class SelectiveScanChunked(torch.autograd.Function):
     # Every (batch, dim, L) tensor below is written in place where the maths allows: on a
     # CPU a fresh 16 MiB tensor costs more in page faults than the arithmetic done in it.
     @staticmethod
+    @_float_arithmetic
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
         cdtype = compute_dtype(u.dtype)
         dt = _effective_delta(delta, delta_bias, delta_softplus, cdtype)
@@ -385,6 +403,7 @@ class SelectiveScanChunked(torch.autograd.Function):
         return out.to(u.dtype), p.state_to_input_layout(last)
 
     @staticmethod
+    @_float_arithmetic
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, states, y, dt, dt_s, dtu_s = ctx.saved_tensors
         p = _Prepared(u, A, B, C, dt, dt_s, dtu_s)
