@@ -417,6 +417,8 @@ class Trainer:
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.world > 1 and cfg.distributed == "fsdp":  # a DTensor over sharded gradients
+                grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
