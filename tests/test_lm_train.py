@@ -224,6 +224,11 @@ def test_step_statistics_are_read_from_the_device_once_per_log_interval(tmp_path
     train, _ = loaders()
     cfg = config(tmp_path, max_steps=8, gradient_accumulation_steps=2, log_interval=log_interval)
     trainer = Trainer(model, train, cfg)
+    from esh.models.esh_lm import MoEStats
+
+    monkeypatch.setattr(
+        MoEStats, "_floats", lambda self: pytest.fail("the MoE statistics were read one step at a time")
+    )
     calls = _count_reads_by_the_trainers(monkeypatch)
     trainer.train()
     monkeypatch.undo()

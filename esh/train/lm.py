@@ -396,7 +396,9 @@ class Trainer:
         alphas = getattr(out, "alphas", None)
         if alphas:
             stats["alpha_mean"] = torch.stack([a.detach().float().mean() for a in alphas]).mean()
-        stats.update(getattr(out, "moe_stats", None) or {})
+        moe_stats = getattr(out, "moe_stats", None) or {}
+        # the ESH LM's statistics read as floats (a sync) unless taken as tensors
+        stats.update(moe_stats.tensors() if callable(getattr(moe_stats, "tensors", None)) else moe_stats)
         stats = {k: v.detach().to(self._stat_dtype) if torch.is_tensor(v) else float(v) for k, v in stats.items()}
         return stats, ids.numel()
 
