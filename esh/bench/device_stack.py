@@ -78,6 +78,24 @@ def vision_rows(
     return rows
 
 
+def _lm_training(cfg, device: torch.device, batch: int, block: int, bf16: bool):
+    """An ESH LM of ``cfg`` on ``device``, its AdamW, and one training step on random tokens."""
+    from esh.models import esh_lm
+
+    model = esh_lm.ESHModel(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
+
+    def step():
+        with _autocast(device, bf16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, opt, step
+
+
 def lm_rows(
     device: torch.device,
     config: str = "small",
@@ -93,17 +111,7 @@ def lm_rows(
     from esh.models import esh_lm
 
     cfg = getattr(esh_lm, f"esh_{config}")(**overrides)
-    model = esh_lm.ESHModel(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
-
-    def train_step():
-        with _autocast(device, bf16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model, opt, train_step = _lm_training(cfg, device, batch, block, bf16)
     tokens_per_s = batch * block / time_call(train_step, repeats=repeats, device=device)
     rows = [{"case": f"esh_{config} train {batch}x{block}", "value": tokens_per_s, "unit": "tokens/s"}]
     opt.state.clear()
@@ -130,17 +138,7 @@ def memory_row(device: torch.device, config: str = "medium", batch: int = 4, blo
     from esh.models import esh_lm
 
     cfg = getattr(esh_lm, f"esh_{config}")(use_checkpoint=True, **overrides)
-    model = esh_lm.ESHModel(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
-
-    def step():
-        with _autocast(device, True):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model, opt, step = _lm_training(cfg, device, batch, block, bf16=True)
     step()  # the optimizer state exists from here on, as in a run
     extra = peak_memory(step, device=device)
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *_opt_tensors(opt)])
