@@ -4,7 +4,8 @@
 * bf16-autocast inference images/s of esh's vision models beside timm's at batches 64 and
   256, 224², and training images/s (forward + backward + AdamW) at batch 64;
 * ESH LM small: training tokens/s (batch 8 × 1024, bf16) and cached greedy decoding, ms per
-  token at contexts 128 and 2048;
+  token at contexts 128 and 2048, with and (on CUDA) without a CUDA graph of the decode step
+  (the graph's capture, three eager steps, is inside the timing, spread over the 32 tokens);
 * the peak memory of one esh_medium training step (bf16 autocast, gradient checkpointing,
   batch 4 × 1024), against the seed's "fits in 12 GB".
 
@@ -116,20 +117,23 @@ def lm_rows(
     rows = [{"case": f"esh_{config} train {batch}x{block}", "value": tokens_per_s, "unit": "tokens/s"}]
     opt.state.clear()
     model.eval()
+    graph_modes = (False, True) if device.type == "cuda" else (False,)
     for context in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
+        for graph in graph_modes:
 
-        def prefill_only(prompt=prompt):
-            with _autocast(device, bf16):
-                model.generate(prompt, max_new_tokens=1)
+            def prefill_only(prompt=prompt, graph=graph):
+                with _autocast(device, bf16):
+                    model.generate(prompt, max_new_tokens=1, cuda_graph=graph)
 
-        def generate(prompt=prompt):
-            with _autocast(device, bf16):
-                model.generate(prompt, max_new_tokens=new_tokens + 1)
+            def generate(prompt=prompt, graph=graph):
+                with _autocast(device, bf16):
+                    model.generate(prompt, max_new_tokens=new_tokens + 1, cuda_graph=graph)
 
-        full = time_call(generate, repeats=repeats, device=device)
-        per_token = (full - time_call(prefill_only, repeats=repeats, device=device)) / new_tokens
-        rows.append({"case": f"esh_{config} decode, context {context}", "value": 1e3 * per_token, "unit": "ms/token"})
+            full = time_call(generate, repeats=repeats, device=device)
+            per_token = (full - time_call(prefill_only, repeats=repeats, device=device)) / new_tokens
+            case = f"esh_{config} decode, context {context}" + (", CUDA graph" if graph else "")
+            rows.append({"case": case, "value": 1e3 * per_token, "unit": "ms/token"})
     return rows
 
 

@@ -206,11 +206,20 @@ class ESHCache:
     Method names and meanings follow transformers' ``DynamicCache`` with ``layer_types =
     ["hybrid"] * n_layers``, so the model code drives either. ``max_length`` preallocates room for
     that many tokens (``generate`` knows it); the buffers double when it is exceeded.
+
+    ``static=True`` (needs ``max_length``) keeps every shape fixed, so that a decode step can be
+    captured in a CUDA graph: ``update`` writes at ``position`` (a device tensor, advanced by the
+    model after each call) and returns the whole ``max_length`` buffers, and the model masks the
+    keys past the position instead of slicing them.
     """
 
-    def __init__(self, n_layers: int, max_length: int | None = None):
+    def __init__(self, n_layers: int, max_length: int | None = None, static: bool = False):
+        if static and not max_length:
+            raise ValueError("ESHCache(static=True) needs max_length: the buffers never grow")
         self.n_layers = n_layers
         self.max_length = max_length
+        self.static = static
+        self.position: Tensor | None = None  # static: tokens cached so far, on the device
         self.keys: list[Tensor | None] = [None] * n_layers
         self.values: list[Tensor | None] = [None] * n_layers
         self.lengths = [0] * n_layers
@@ -218,7 +227,10 @@ class ESHCache:
         self.recurrent_states: list[Tensor | None] = [None] * n_layers
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
-        """Append (batch, heads, T, head_dim) keys/values; return all of them so far."""
+        """Append (batch, heads, T, head_dim) keys/values; return all of them so far (static: the
+        whole buffers, valid up to ``position``)."""
+        if self.static:
+            return self._update_static(key, value, layer_idx)
         cur = self.lengths[layer_idx]
         new = cur + key.shape[-2]
         buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
@@ -235,6 +247,28 @@ class ESHCache:
         buf_v[..., cur:new, :] = value
         self.lengths[layer_idx] = new
         return buf_k[..., :new, :], buf_v[..., :new, :]
+
+    def _update_static(self, key: Tensor, value: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+        seqlen = key.shape[-2]
+        if self.lengths[layer_idx] + seqlen > self.max_length:
+            raise ValueError(
+                f"ESHCache(static=True): {self.lengths[layer_idx]} + {seqlen} tokens do not fit max_length "
+                f"{self.max_length}"
+            )
+        if self.keys[layer_idx] is None:
+            shape = (*key.shape[:-2], self.max_length, key.shape[-1])
+            self.keys[layer_idx], self.values[layer_idx] = key.new_zeros(shape), value.new_zeros(shape)
+        index = self.device_position(key.device) + torch.arange(seqlen, device=key.device)
+        self.keys[layer_idx].index_copy_(2, index, key)
+        self.values[layer_idx].index_copy_(2, index, value)
+        self.lengths[layer_idx] += seqlen  # host bookkeeping; a replayed CUDA graph does not run it
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def device_position(self, device: torch.device) -> Tensor:
+        """Static: the number of cached tokens as a 0-d device tensor (created at 0)."""
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+        return self.position
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -266,7 +300,7 @@ class ESHCache:
                     store[i] = t.index_select(0, beam_idx.to(t.device))
 
     def reset(self) -> None:
-        self.__init__(self.n_layers, self.max_length)
+        self.__init__(self.n_layers, self.max_length, self.static)
 
 
 def _build_ssm(config: ESHConfig) -> nn.Module:
@@ -415,6 +449,17 @@ def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p) -
         raise ValueError(f"generate: top_p must be in (0, 1] or None; got {top_p}")
 
 
+def _static_attention_mask(position: Tensor, seqlen: int, max_length: int, padded: Tensor | None) -> Tensor:
+    """(batch or 1, 1, T, max_length) bool mask for a static cache: query t (at ``position + t``)
+    sees the keys up to itself; a padded batch's mask (over past + T keys) is extended with False."""
+    device = position.device
+    query = position + torch.arange(seqlen, device=device)
+    causal = (torch.arange(max_length, device=device)[None, :] <= query[:, None])[None, None]
+    if padded is None:
+        return causal
+    return causal & F.pad(padded, (0, max_length - padded.shape[-1]), value=False)
+
+
 def _last_real_index(attention_mask: Tensor) -> Tensor:
     """(batch,) index of each row's last 1 in a (batch, T) mask (0 for a row without one)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -425,6 +470,45 @@ def _checks_on_device(t: Tensor) -> bool:
     """Whether value checks on ``t`` run asynchronously on its device rather than on the host
     (CUDA, where a host read waits for every queued kernel)."""
     return t.is_cuda
+
+
+class _CudaGraphDecode:
+    """One cached decode step captured in a CUDA graph on a static ``ESHCache`` and replayed per
+    token: the token is copied into a fixed input buffer, the graph reruns every kernel of the
+    step on the same memory (cache buffers, states, position) and the logits land in a fixed
+    output buffer. Capturing runs the step three times; the cache is restored afterwards."""
+
+    def __init__(self, model: nn.Module, cache: ESHCache, batch: int):
+        device = cache.position.device
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        saved = [t.clone() for t in self._tensors()]
+        lengths = list(cache.lengths)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as CUDA graphs want
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        for t, old in zip(self._tensors(), saved):
+            t.copy_(old)
+        cache.lengths = lengths
+
+    def _tensors(self) -> list[Tensor]:
+        c = self.cache
+        return [t for t in (*c.keys, *c.values, *c.conv_states, *c.recurrent_states, c.position) if t is not None]
+
+    def _step(self) -> Tensor:
+        return self.model(self.token, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def __call__(self, token: Tensor) -> Tensor:
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        self.cache.lengths = [n + 1 for n in self.cache.lengths]
+        return self.logits
 
 
 class _CausalLMMixin:
@@ -465,6 +549,8 @@ class _CausalLMMixin:
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         attention_mask: Tensor | None = None,
+        static_cache: bool = False,
+        cuda_graph: bool = False,
     ) -> Tensor:
         """Continue ``input_ids`` (batch, T) by up to ``max_new_tokens``; returns (batch, T + new).
 
@@ -475,15 +561,31 @@ class _CausalLMMixin:
         ``eos_token_id`` continue with it; generation stops early once every row has.
         ``attention_mask`` (batch, T) marks a padded batch of prompts (0 = padding, on the left or
         the right): each row then continues as it would alone.
+        ``static_cache``: a cache of fixed shapes (preallocated to the final length, keys masked
+        instead of sliced); ``cuda_graph`` (CUDA, implies it) captures one decode step in a CUDA
+        graph after the prompt and replays it for every token: one launch instead of hundreds.
         """
         _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        if cuda_graph:
+            if not use_cache or attention_mask is not None:
+                raise ValueError("generate(cuda_graph=True) needs use_cache=True and an unpadded batch")
+            if input_ids.device.type != "cuda":
+                raise ValueError(f"generate(cuda_graph=True) needs CUDA tensors; input_ids are on {input_ids.device}")
+            static_cache = True
         was_training = self.training
         self.eval()
         try:
             seq = input_ids
             if max_new_tokens == 0:
                 return seq
-            cache = self.new_cache(input_ids.shape[1] + max_new_tokens) if use_cache else None
+            cache = None
+            if use_cache:
+                length = input_ids.shape[1] + max_new_tokens
+                cache = self.new_cache(length, static=True) if static_cache else self.new_cache(length)
+                if static_cache and cache is None:
+                    raise ValueError(
+                        f"{type(self).__name__} has no decoding cache: static_cache/cuda_graph do not apply"
+                    )
             mask = {} if attention_mask is None else {"attention_mask": attention_mask}
             if mask:  # a right-padded row continues from its last real token
                 logits = self(seq, past_key_values=cache, use_cache=use_cache, **mask).logits
@@ -492,6 +594,7 @@ class _CausalLMMixin:
             else:
                 logits = self(seq, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits[:, -1]
             finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+            graphed = _CudaGraphDecode(self, cache, seq.shape[0]) if cuda_graph and max_new_tokens > 1 else None
             for i in range(max_new_tokens):
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
@@ -502,7 +605,9 @@ class _CausalLMMixin:
                     mask["attention_mask"] = F.pad(mask["attention_mask"], (0, 1), value=1)
                 if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                     break
-                if use_cache:
+                if graphed is not None:
+                    logits = graphed(token)
+                elif use_cache:
                     logits = self(token[:, None], past_key_values=cache, use_cache=True, **mask).logits[:, -1]
                 else:
                     logits = self(seq, logits_to_keep=1, **mask).logits[:, -1]
@@ -570,9 +675,10 @@ class ESHModel(_CausalLMMixin, nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
 
-    def new_cache(self, max_length: int | None = None) -> ESHCache:
-        """An empty decoding cache for this model (room for ``max_length`` tokens preallocated)."""
-        return ESHCache(self.config.n_layers, max_length)
+    def new_cache(self, max_length: int | None = None, static: bool = False) -> ESHCache:
+        """An empty decoding cache for this model (room for ``max_length`` tokens preallocated;
+        ``static``: fixed shapes, for CUDA graphs)."""
+        return ESHCache(self.config.n_layers, max_length, static)
 
     # ---- forward
     def forward(
@@ -617,6 +723,12 @@ class ESHModel(_CausalLMMixin, nn.Module):
         else:
             positions = torch.arange(past, past + seqlen, device=input_ids.device)
         attn_mask, token_mask = (pads.attn_mask, pads.token_mask) if pads is not None else (None, None)
+        static = getattr(cache, "static", False)
+        if static:  # fixed shapes: positions from the device counter, keys past it masked
+            position = cache.device_position(input_ids.device)
+            if position_ids is None and pads is None:
+                positions = position + torch.arange(seqlen, device=input_ids.device)
+            attn_mask = _static_attention_mask(position, seqlen, cache.max_length, attn_mask)
 
         x = self.drop(self.embed_tokens(input_ids))
         alphas, auxes = [], []
@@ -627,6 +739,8 @@ class ESHModel(_CausalLMMixin, nn.Module):
                 x, alpha, aux = layer(x, positions, cache, attn_mask, token_mask)
             alphas.append(alpha)
             auxes.append(aux)
+        if static:
+            cache.position += seqlen
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -889,7 +1003,7 @@ class MambaLM(_CausalLMMixin, nn.Module):
             nn.init.normal_(layer.mixer.in_proj.weight, std=0.02)
             nn.init.normal_(layer.mixer.out_proj.weight, std=0.02 / math.sqrt(n_layers))
 
-    def new_cache(self, max_length: int | None = None) -> None:
+    def new_cache(self, max_length: int | None = None, static: bool = False) -> None:
         return None
 
     def forward(
