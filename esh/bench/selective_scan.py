@@ -147,9 +147,11 @@ class Row:
 
 def _workloads(shape: tuple[int, int, int, int], method: str):
     """(forward, forward_backward) closures over fresh inputs of ``shape``."""
-    fn = method_fn(method)
-    fwd_inputs = make_inputs(shape)
-    grad_inputs = make_inputs(shape, requires_grad=True)
+    return scan_workloads(method_fn(method), make_inputs(shape), make_inputs(shape, requires_grad=True))
+
+
+def scan_workloads(fn: Callable[[dict], torch.Tensor], fwd_inputs: dict, grad_inputs: dict):
+    """(forward under no_grad, forward + backward of the sum) closures of ``fn`` over the inputs."""
 
     def forward():
         with torch.no_grad():

@@ -182,19 +182,13 @@ def bench_method(
     errors: bool = True,
 ) -> list[DeviceRow]:
     """The forward and forward+backward rows of one method on one shape and dtype."""
-    fn = method_fn(method)
-    fwd_inputs = make_inputs(shape, device, dtype)
-    grad_inputs = make_inputs(shape, device, dtype, requires_grad=True)
+    from esh.bench.selective_scan import scan_workloads
 
-    def forward():
-        with torch.no_grad():
-            return fn(fwd_inputs)
-
-    def forward_backward():
-        fn(grad_inputs).sum().backward()
-        for t in grad_inputs.values():
-            t.grad = None
-
+    forward, forward_backward = scan_workloads(
+        method_fn(method),
+        make_inputs(shape, device, dtype),
+        make_inputs(shape, device, dtype, requires_grad=True),
+    )
     rows = []
     for pass_name, call, backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
         first, samples = time_samples(call, device, repeats)

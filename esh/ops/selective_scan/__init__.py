@@ -100,13 +100,19 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
     return _resolve(backend, device_type)[0]
 
 
+def _requested_backend(backend: str | None) -> tuple[str | None, str]:
+    """(the backend asked for, where from): the argument, else ``use_backend``'s, else
+    ``$ESH_SCAN_BACKEND``; (None, ...) when nothing was asked for. Shared with the state update."""
+    if backend is not None:
+        return backend, "backend="
+    if (forced := _forced.get()) is not None:
+        return forced, "use_backend"
+    return os.environ.get(ENV_VAR) or None, ENV_VAR
+
+
 def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
     """(backend, whether it was asked for rather than chosen)."""
-    source = "backend="
-    if backend is None:
-        backend, source = _forced.get(), "use_backend"
-    if backend is None:
-        backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    backend, source = _requested_backend(backend)
     if backend is None:
         return _default_backend(device_type), False
     backend = backend.strip().lower()

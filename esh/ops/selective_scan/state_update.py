@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -89,13 +87,9 @@ def _resolve(backend: str | None, state: Tensor, has_D_and_dt_bias: bool = True)
     """The argument, else ``use_backend``'s, else ``$ESH_SCAN_BACKEND``, else mamba_ssm's kernel
     for CUDA tensors when installed (and given D and dt_bias: it crashes without them), else
     Triton's for CUDA tensors, else the reference step."""
-    from . import ENV_VAR, BackendUnavailableError, _forced  # the package imports this module
+    from . import BackendUnavailableError, _requested_backend  # the package imports this module
 
-    source = "backend="
-    if backend is None:
-        backend, source = _forced.get(), "use_backend"
-    if backend is None:
-        backend, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    backend, source = _requested_backend(backend)
     if backend is None:
         if _on_mamba_cuda(state) and has_D_and_dt_bias:
             return "cuda"
