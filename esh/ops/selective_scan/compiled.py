@@ -18,8 +18,6 @@ from torch import Tensor
 
 __all__ = ["selective_scan_op"]
 
-_GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
 
 def _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend):
     from esh.ops.selective_scan import selective_scan
