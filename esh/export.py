@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from esh._compat import require
+from esh.errors import EshError, InputError
 from esh.ops.selective_scan import use_backend
 
 FORMATS = ("onnx", "torchscript")
 
 
-class ExportError(RuntimeError):
+class ExportError(EshError, RuntimeError):
     """The exported file does not reproduce the eager model."""
 
 
@@ -52,7 +53,7 @@ def export_model(
 ) -> ExportResult:
     """Write ``model`` to ``out`` (atomically) and check it: max |Δ| / max |eager| ≤ tolerance."""
     if format not in FORMATS:
-        raise ValueError(f"export format must be one of {FORMATS}; got {format!r}")
+        raise InputError(f"export format must be one of {FORMATS}; got {format!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

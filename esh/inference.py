@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from esh._compat import import_timm, import_torchvision
+from esh.errors import InputError
 from esh.train.precision import autocast, enable_tf32
 
 
@@ -38,9 +39,9 @@ def load_image(path: str | os.PathLike):
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
+        raise InputError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise InputError(f"cannot read image {path}: {e}") from None
 
 
 def imagenet_class_names() -> list[str]:
@@ -91,7 +92,7 @@ def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, i
     _, val, classes = build_datasets(spec)
     num_classes = getattr(model, "num_classes", None) or len(classes)
     if num_classes < len(classes):
-        raise ValueError(f"{spec} has {len(classes)} classes but the model predicts {num_classes}")
+        raise InputError(f"{spec} has {len(classes)} classes but the model predicts {num_classes}")
     val.transform = eval_transform(model, img_size)
     return _run_eval(
         model.eval().to(device),
@@ -115,7 +116,7 @@ def _label_map(classes: list[str], num_classes: int) -> list[int]:
         return [synsets[c] for c in classes]
     if len(classes) == num_classes:
         return list(range(num_classes))
-    raise ValueError(
+    raise InputError(
         f"the data has {len(classes)} class folders ({', '.join(classes[:5])}...) but the model predicts "
         f"{num_classes} classes; name the folders by ImageNet synset (n01440764, ...) or use a model "
         f"with num_classes={len(classes)}"
@@ -145,7 +146,7 @@ def evaluate(
         return _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype)
     root = Path(data_dir)
     if not root.is_dir():
-        raise ValueError(f"data directory {root} does not exist")
+        raise InputError(f"data directory {root} does not exist")
     if (root / "val").is_dir() and not any(p.suffix for p in (root / "val").iterdir() if p.is_file()):
         root = root / "val"
     model = model.eval().to(device)
@@ -156,7 +157,7 @@ def evaluate(
     try:
         dataset = tv.datasets.ImageFolder(str(root), transform=eval_transform(model, img_size), loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
+        raise InputError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
     num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
     target_map = torch.tensor(_label_map(dataset.classes, num_classes))
     return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress, amp_dtype)
@@ -179,5 +180,5 @@ def _run_eval(model, dataset, target_map, name, batch_size, device, amp, workers
         seen += len(targets)
         bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}", top5=f"{100 * correct5 / seen:.2f}")
     if seen == 0:
-        raise ValueError(f"no images found in {name}")
+        raise InputError(f"no images found in {name}")
     return {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "images": seen}

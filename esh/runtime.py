@@ -22,6 +22,8 @@ import functools
 import os
 import sys
 
+from esh.errors import InputError
+
 __all__ = ["cpu_allocator_tuned", "tune_cpu_allocator"]
 
 _M_TRIM_THRESHOLD = -1
@@ -54,11 +56,11 @@ def tune_cpu_allocator(mmap_threshold: int = _MAX_MMAP_THRESHOLD, trim_threshold
     """
     global _tuned
     if not 0 < mmap_threshold <= _MAX_MMAP_THRESHOLD:
-        raise ValueError(
+        raise InputError(
             f"mmap_threshold must be in (0, {_MAX_MMAP_THRESHOLD}] bytes (glibc's limit), got {mmap_threshold}"
         )
     if trim_threshold <= 0:
-        raise ValueError(f"trim_threshold must be a positive number of bytes, got {trim_threshold}")
+        raise InputError(f"trim_threshold must be a positive number of bytes, got {trim_threshold}")
     if os.environ.get("ESH_CPU_ALLOCATOR", "").lower() == "default":
         return False
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):

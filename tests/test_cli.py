@@ -7,6 +7,7 @@ import pytest
 
 import esh
 from esh.cli import main
+from esh.errors import InputError
 
 
 def test_version(capsys):
@@ -60,7 +61,7 @@ def test_amp_dtype_is_one_flag_that_reaches_every_command_with_amp(monkeypatch, 
     def record(name):
         def fake(*args, **kwargs):
             seen[name] = kwargs
-            raise ValueError("stop here")  # a user error: main() returns 2
+            raise InputError("stop here")  # a user error: main() returns 2
 
         return fake
 
@@ -69,7 +70,7 @@ def test_amp_dtype_is_one_flag_that_reaches_every_command_with_amp(monkeypatch, 
     monkeypatch.setattr(esh.embed, "get_adapter", record("embed"))
     monkeypatch.setattr(esh.inference, "evaluate", record("eval"))
     monkeypatch.setattr(esh.inference, "predict", record("predict"))
-    monkeypatch.setattr("esh.cli._load_model", lambda args: None)
+    monkeypatch.setattr("esh.cli._common.load_model", lambda args: None)
     model = ["--model", "mambavision_nano"]
     commands = {
         "train": ["train", "--resume", str(tmp_path)],

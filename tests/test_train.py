@@ -187,7 +187,7 @@ def test_model_arguments_reach_the_builder(tmp_path):
 
 
 def test_cli_model_arguments_are_parsed_and_bad_ones_rejected(capsys):
-    from esh.cli import _parse_model_args
+    from esh.cli import parse_model_args as _parse_model_args
 
     assert _parse_model_args(["drop_path_rate=0.1", "name=abc", "flag=True"]) == {
         "drop_path_rate": 0.1,

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from esh.errors import InputError
 
-class AlignmentInputError(ValueError):
+
+class AlignmentInputError(InputError):
     """The two embeddings cannot be compared as given."""
 
 

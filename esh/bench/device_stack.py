@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from esh.bench.measure import peak_memory, time_call
+from esh.errors import InputError
 
 VISION_MODELS = (
     "mambavision_t",
@@ -174,7 +175,7 @@ def format_tables(device_name: str, vision: list[dict], lm: list[dict]) -> str:
 def run(device: str = "cuda", quick: bool = False, print_fn: Callable[[str], None] = print) -> str:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device_stack: no CUDA device is visible to torch")
+        raise InputError("device_stack: no CUDA device is visible to torch")
     if quick:  # the code paths in seconds (tests, a CPU)
         vision = vision_rows(dev, ("mambavision_nano", "deit_tiny_patch16_224"), (2,), 2, 64, repeats=1)
         tiny = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, expert_hidden=64)

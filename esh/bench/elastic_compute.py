@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from esh.bench.measure import time_call
+from esh.errors import InputError
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
 
@@ -37,7 +38,7 @@ def images(kind: str, batch: int, size: int) -> torch.Tensor:
     if kind == "noise":
         return torch.randn(batch, 3, size, size)
     if kind != "photos":
-        raise ValueError(f"images must be 'noise' or 'photos'; got {kind!r}")
+        raise InputError(f"images must be 'noise' or 'photos'; got {kind!r}")
     from esh._compat import require
 
     data = require("skimage.data", "demo", "the photographs of the elastic-compute benchmark")
@@ -132,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_from_args(args: argparse.Namespace) -> list[Row]:
     for f in args.fractions:
         if not 0.0 <= f <= 1.0:
-            raise ValueError(f"--fractions must lie in [0, 1]; got {f}")
+            raise InputError(f"--fractions must lie in [0, 1]; got {f}")
     return run(args.model, args.batch, args.img_size, args.fractions, args.images, args.threads or None, args.repeats)
 
 

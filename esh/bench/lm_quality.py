@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
+from esh.errors import InputError
 from esh.train.lm import Trainer, TrainingConfig
 
 MODELS = ("esh", "gpt", "mamba")
@@ -49,7 +50,7 @@ def build_model(name: str, vocab_size: int, block_size: int) -> nn.Module:
         return MambaLM(vocab_size, d_model=128, n_layers=7)
     if name == "esh":
         return ESHModel(ESHConfig(vocab_size=vocab_size, max_seq_len=block_size + 1, **ESH_ARCH))
-    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    raise InputError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

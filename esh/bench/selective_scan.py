@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from esh._compat import has_module
 from esh.bench.measure import peak_memory, time_call
+from esh.errors import InputError
 from esh.ops.selective_scan import selective_scan
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -290,7 +291,7 @@ def main_from_args(args: argparse.Namespace) -> list:
         try:
             device = torch.device(args.device)
         except RuntimeError as e:
-            raise ValueError(
+            raise InputError(
                 f"--device must be cpu or a torch device such as cuda or cuda:1; got {args.device!r}"
             ) from e
         return selective_scan_device.run(shapes, device, repeats=max(args.repeats, 10))

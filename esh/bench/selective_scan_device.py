@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from esh.bench.measure import peak_memory
+from esh.errors import InputError
 from esh.ops.selective_scan import selective_scan
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -262,7 +263,7 @@ def run(
 ) -> list[DeviceRow]:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("esh bench scan --device cuda: no CUDA device is visible to torch")
+        raise InputError("esh bench scan --device cuda: no CUDA device is visible to torch")
     here = available_methods(device)
     methods = [m for m in (methods or METHODS) if m in here]
     copy = copy_bandwidth(device)

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from esh.errors import InputError
+
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_FILE = ASSETS / "mnist_5k.npz"
 
@@ -40,7 +42,7 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise InputError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
 
     def __len__(self) -> int:
@@ -56,11 +58,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as f:
             images, labels = f["images"], f["labels"]
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a .npz file with 'images' (N, H, W[, C]) uint8 and 'labels' (N,): {e}"
         ) from e
     if images.ndim not in (3, 4) or labels.ndim != 1:
-        raise ValueError(f"{path}: images must be (N, H, W[, C]) and labels (N,); got {images.shape}, {labels.shape}")
+        raise InputError(f"{path}: images must be (N, H, W[, C]) and labels (N,); got {images.shape}, {labels.shape}")
     return images.astype(np.uint8), labels
 
 
@@ -75,7 +77,7 @@ class SafeImageFolder(Dataset):
         try:
             self.folder = tv.datasets.ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as e:
-            raise ValueError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
+            raise InputError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
         self.transform = transform
         self.classes = self.folder.classes
         self.skipped: set[str] = set()
@@ -97,7 +99,7 @@ class SafeImageFolder(Dataset):
                     )
                 continue
             return (self.transform(img) if self.transform else img), label
-        raise ValueError(f"no readable image in {self.folder.root}")
+        raise InputError(f"no readable image in {self.folder.root}")
 
 
 class HFDataset(Dataset):
@@ -132,7 +134,7 @@ def _hf(name: str, seed: int):
     image_key = next((c for c in ("image", "img", "pixel_values") if c in columns), None)
     label_key = next((c for c in ("label", "labels", "fine_label") if c in columns), None)
     if image_key is None or label_key is None:
-        raise ValueError(f"hf:{name}: no image/label columns among {columns}")
+        raise InputError(f"hf:{name}: no image/label columns among {columns}")
     if val_name is None:
         tr, va = stratified_split(np.asarray(train[label_key]), seed=seed)
         val, train = train.select(va), train.select(tr)
@@ -155,21 +157,21 @@ def build_datasets(spec: str | os.PathLike = "digits", seed: int = 0) -> tuple[D
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise ValueError(f"data file {path} does not exist")
+            raise InputError(f"data file {path} does not exist")
         images, labels = _load_npz(path)
         tr, va = stratified_split(labels, 0.2, seed=seed)
         names = [str(c) for c in np.unique(labels)]
         return ArrayDataset(images[tr], labels[tr]), ArrayDataset(images[va], labels[va]), names
     if not path.is_dir():
-        raise ValueError(f"--data {spec}: not 'digits', 'hf:NAME', a .npz file or a directory")
+        raise InputError(f"--data {spec}: not 'digits', 'hf:NAME', a .npz file or a directory")
     if not (path / "train").is_dir() or not (path / "val").is_dir():
-        raise ValueError(f"data directory {path} needs train/ and val/ sub-folders of class folders")
+        raise InputError(f"data directory {path} needs train/ and val/ sub-folders of class folders")
     train, val = SafeImageFolder(path / "train"), SafeImageFolder(path / "val")
     if train.classes != val.classes:
-        raise ValueError(f"{path}: train/ and val/ have different class folders")
+        raise InputError(f"{path}: train/ and val/ have different class folders")
     return train, val, train.classes
 
 
 def collate_check(num_classes: int, labels: torch.Tensor, where: str) -> None:
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{where}: label {int(labels.max())} does not fit num_classes={num_classes}")
+        raise InputError(f"{where}: label {int(labels.max())} does not fit num_classes={num_classes}")

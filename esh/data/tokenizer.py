@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from esh._compat import has_module, require
+from esh.errors import InputError
 
 CONFIG_FILE = "esh_tokenizer.json"  # which kind, and the vocabulary of the small ones
 HF_FILE = "tokenizer.json"  # the Hugging Face `tokenizers` file (BPE and user tokenizers)
@@ -88,7 +89,7 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         if any(i < 0 or i > 255 for i in ids):
-            raise ValueError(f"byte-level ids must lie in [0, 255]; got {min(ids)}..{max(ids)}")
+            raise InputError(f"byte-level ids must lie in [0, 255]; got {min(ids)}..{max(ids)}")
         return bytes(ids).decode("utf-8", errors="replace")
 
 
@@ -100,9 +101,9 @@ class CharTokenizer(Tokenizer):
 
     def __init__(self, chars: str):
         if not chars:
-            raise ValueError("a character vocabulary needs at least one character")
+            raise InputError("a character vocabulary needs at least one character")
         if len(set(chars)) != len(chars):
-            raise ValueError("the character vocabulary has repeated characters")
+            raise InputError("the character vocabulary has repeated characters")
         self.chars = chars
         self.vocab_size = len(chars)
         codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
@@ -118,7 +119,7 @@ class CharTokenizer(Tokenizer):
         ids = np.where(codes < len(self._lookup), self._lookup[np.minimum(codes, len(self._lookup) - 1)], -1)
         if (ids < 0).any():
             unknown = sorted({chr(c) for c in codes[ids < 0].tolist()})
-            raise ValueError(
+            raise InputError(
                 f"characters outside the {self.vocab_size}-symbol vocabulary: {''.join(unknown)!r} "
                 "(a char-level model only knows the characters of its training text)"
             )
@@ -131,7 +132,7 @@ class CharTokenizer(Tokenizer):
         try:
             return "".join(self.chars[int(i)] for i in ids)
         except IndexError:
-            raise ValueError(f"char-level ids must lie in [0, {self.vocab_size - 1}]") from None
+            raise InputError(f"char-level ids must lie in [0, {self.vocab_size - 1}]") from None
 
     def _config(self) -> dict:
         return {"chars": self.chars}
@@ -163,7 +164,7 @@ class HFTokenizer(Tokenizer):
         """A byte-level BPE (GPT-2's pre-tokenisation, every byte in the base alphabet, so any
         text encodes) with ``vocab_size`` ids including the ``<|endoftext|>`` token, trained on ``text``."""
         if vocab_size < 257 + 1:
-            raise ValueError(f"a byte-level BPE needs vocab_size > 257 (256 bytes + {EOS_TOKEN}); got {vocab_size}")
+            raise InputError(f"a byte-level BPE needs vocab_size > 257 (256 bytes + {EOS_TOKEN}); got {vocab_size}")
         tk = require("tokenizers", "lm", "the BPE tokenizer")
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -183,7 +184,7 @@ class HFTokenizer(Tokenizer):
         try:
             return cls(tk.Tokenizer.from_file(str(path)), kind=kind)
         except Exception as e:  # tokenizers raises its own Exception type on bad files
-            raise ValueError(f"{path} is not a Hugging Face tokenizer.json file: {e}") from e
+            raise InputError(f"{path} is not a Hugging Face tokenizer.json file: {e}") from e
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -215,7 +216,7 @@ class TransformersTokenizer(Tokenizer):
         try:
             return cls(transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: transformers.AutoTokenizer could not load a tokenizer from it: {e}") from e
+            raise InputError(f"{path}: transformers.AutoTokenizer could not load a tokenizer from it: {e}") from e
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -240,8 +241,8 @@ def tokenizer_from_path(path: str | os.PathLike) -> Tokenizer:
     if p.is_dir() and has_module("transformers"):
         return TransformersTokenizer.from_pretrained(p)
     if p.is_dir():
-        raise ValueError(f"{p} holds no tokenizer.json (install transformers to load other tokenizer formats)")
-    raise ValueError(f"tokenizer {str(path)!r}: expected byte, char, bpe, bpe:VOCAB, or a tokenizer file/directory")
+        raise InputError(f"{p} holds no tokenizer.json (install transformers to load other tokenizer formats)")
+    raise InputError(f"tokenizer {str(path)!r}: expected byte, char, bpe, bpe:VOCAB, or a tokenizer file/directory")
 
 
 def build_tokenizer(spec: str, text: str = "") -> Tokenizer:
@@ -251,14 +252,14 @@ def build_tokenizer(spec: str, text: str = "") -> Tokenizer:
         return ByteTokenizer()
     if spec == "char":
         if not text:
-            raise ValueError("a char-level tokenizer is built from the training text, which is empty")
+            raise InputError("a char-level tokenizer is built from the training text, which is empty")
         return CharTokenizer.from_text(text)
     if spec == "bpe" or spec.startswith("bpe:"):
         size = spec.partition(":")[2]
         if size and not size.isdigit():
-            raise ValueError(f"tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096")
+            raise InputError(f"tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096")
         if not text:
-            raise ValueError("a BPE tokenizer is trained on the training text, which is empty")
+            raise InputError("a BPE tokenizer is trained on the training text, which is empty")
         return HFTokenizer.train_bpe(text, int(size) if size else DEFAULT_BPE_VOCAB)
     return tokenizer_from_path(spec)
 
@@ -268,12 +269,12 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise ValueError(f"{directory} has no {CONFIG_FILE}: not a directory written by an esh tokenizer")
+        raise InputError(f"{directory} has no {CONFIG_FILE}: not a directory written by an esh tokenizer")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         kind = config["kind"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{config_path} is not a valid esh tokenizer file: {e}") from e
+        raise InputError(f"{config_path} is not a valid esh tokenizer file: {e}") from e
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
@@ -282,4 +283,4 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         return HFTokenizer.from_file(directory / HF_FILE, kind=kind)
     if kind == "transformers":
         return TransformersTokenizer.from_pretrained(directory)
-    raise ValueError(f"{config_path}: unknown tokenizer kind {kind!r}")
+    raise InputError(f"{config_path}: unknown tokenizer kind {kind!r}")

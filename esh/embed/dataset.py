@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from esh.data.datasets import DIGITS_FILE, ArrayDataset, SafeImageFolder, _hf, _load_npz
+from esh.errors import InputError
 
 
 def _all_items(spec: str) -> Dataset:
@@ -23,7 +24,7 @@ def _all_items(spec: str) -> Dataset:
     if spec.startswith("hf:"):
         return _hf(spec[3:], seed=0)[0]
     if not Path(spec).is_dir():
-        raise ValueError(f"--data {spec}: not 'digits', 'hf:NAME', a .npz file or a directory")
+        raise InputError(f"--data {spec}: not 'digits', 'hf:NAME', a .npz file or a directory")
     return SafeImageFolder(Path(spec))
 
 
@@ -49,9 +50,9 @@ def embed_dataset(
 
     out = Path(out)
     if out.suffix not in (".npy", ".npz", ".parquet"):
-        raise ValueError(f"--out must end in .npy, .npz or .parquet; got {out}")
+        raise InputError(f"--out must end in .npy, .npz or .parquet; got {out}")
     if layers and out.suffix == ".npy":
-        raise ValueError("--layers needs a .npz or .parquet output (one array per block)")
+        raise InputError("--layers needs a .npz or .parquet output (one array per block)")
     dataset = _all_items(str(data))
     dataset.transform = adapter.preprocessor()
     shards_dir = out.with_name(out.name + ".shards")

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from esh._compat import has_module
+from esh.errors import InputError
 
 __all__ = ["ALIASES", "EshAdapter", "PreprocessEsh", "load_pu_module", "model_map", "register"]
 
@@ -128,7 +129,7 @@ def _warn_partial(error: ImportError) -> None:
 def model_map(alias: str) -> tuple[list[str], list[str]]:
     """``(sizes, model_names)`` for ``alias`` in the form of pu's experiment ``model_map`` tables."""
     if alias not in ALIASES:
-        raise ValueError(f"unknown alias {alias!r}; esh registers {sorted(ALIASES)}")
+        raise InputError(f"unknown alias {alias!r}; esh registers {sorted(ALIASES)}")
     return list(ALIASES[alias]), list(ALIASES[alias].values())
 
 
@@ -158,7 +159,7 @@ def _to_pil(value: Any, mode: str, modes: Iterable[str], resize: bool, resize_mo
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
-        raise ValueError(
+        raise InputError(
             f"mode {mode!r}: expected an image (PIL, (H, W), (H, W, 3) or (3, H, W) array, or a pu flux record); "
             f"got an array of shape {arr.shape}"
         )
@@ -188,7 +189,7 @@ class PreprocessEsh:
                 continue
             key = f"{mode}_image" if f"{mode}_image" in example else mode
             if key not in example:
-                raise ValueError(f"example has no {mode}_image (or {mode}) field; fields: {sorted(example)}")
+                raise InputError(f"example has no {mode}_image (or {mode}) field; fields: {sorted(example)}")
             image = _to_pil(example[key], mode, self.modes, self.resize, self.resize_mode)
             out[mode] = self.transform(image)
         return out
@@ -232,12 +233,12 @@ def _make_adapter_class() -> type:
             if Path(self.model_name).is_file():  # a checkpoint: the architecture from alias + size
                 sizes = ALIASES.get(self.alias or "", {})
                 if self.size not in sizes:
-                    raise ValueError(
+                    raise InputError(
                         f"model_name {self.model_name!r} is a file: alias and size must name the architecture "
                         f"(alias {self.alias!r}: sizes {sorted(sizes) or 'none'}); got size {self.size!r}"
                     )
                 return sizes[self.size], self.model_name
-            raise ValueError(
+            raise InputError(
                 f"model_name must be an esh model name (e.g. {', '.join(ALIASES['vim'].values())}) "
                 f"or a checkpoint file; got {self.model_name!r}"
             )
@@ -310,7 +311,7 @@ def _make_adapter_class() -> type:
             if granularity == "blocks":
                 return [*self._block_names(), "last_hidden_state"]
             if not hasattr(base, "_capture_module_outputs"):
-                raise ValueError(f"granularity {granularity!r} needs pu's current main (pu 0.1.0 has blocks only)")
+                raise InputError(f"granularity {granularity!r} needs pu's current main (pu 0.1.0 has blocks only)")
             return super().get_layer_names(granularity=granularity)
 
         def get_num_layers(self, granularity: str = "blocks") -> int:
@@ -326,7 +327,7 @@ def _make_adapter_class() -> type:
             x = self._images(batch, mode)
             if granularity != "blocks":
                 if not hasattr(base, "_capture_module_outputs"):
-                    raise ValueError(f"granularity {granularity!r} needs pu's current main (pu 0.1.0 has blocks only)")
+                    raise InputError(f"granularity {granularity!r} needs pu's current main (pu 0.1.0 has blocks only)")
                 embedder = self._loaded()
 
                 def forward() -> None:

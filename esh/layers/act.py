@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from esh.errors import InputError
+
 __all__ = ["AdaptiveComputationTime"]
 
 
@@ -32,7 +34,7 @@ class AdaptiveComputationTime(nn.Module):
     def __init__(self, dim: int, max_steps: int = 3, eps: float = 0.01, halt_bias: float = 1.0):
         super().__init__()
         if max_steps < 1:
-            raise ValueError(f"ACT max_steps counts the first step and must be >= 1; got {max_steps}")
+            raise InputError(f"ACT max_steps counts the first step and must be >= 1; got {max_steps}")
         self.max_steps, self.eps, self._halt_bias = max_steps, eps, halt_bias
         self.halt = nn.Linear(dim, 1)
         self.init_weights()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esh._compat import import_timm
+from esh.errors import InputError
 
 register_notrace_function = import_timm().layers.register_notrace_function
 
@@ -26,9 +27,9 @@ __all__ = ["grey_levels", "histogram_entropy", "patch_histograms", "pool_histogr
 def grey_levels(images: Tensor, bins: int) -> Tensor:
     """(B, C, H, W) images -> (B, H, W) integer grey levels in [0, bins), per-image min-max scaled."""
     if images.dim() != 4:
-        raise ValueError(f"grey_levels expects images (batch, channels, height, width); got {tuple(images.shape)}")
+        raise InputError(f"grey_levels expects images (batch, channels, height, width); got {tuple(images.shape)}")
     if bins < 2:
-        raise ValueError(f"the entropy prior needs at least 2 bins; got {bins}")
+        raise InputError(f"the entropy prior needs at least 2 bins; got {bins}")
     grey = images.detach().float().mean(1)
     lo = grey.amin((1, 2), keepdim=True)
     hi = grey.amax((1, 2), keepdim=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh._compat import has_module
+from esh.errors import InputError
 
 __all__ = ["GatedAttention", "apply_rotary", "rotary_cos_sin"]
 
@@ -64,10 +65,10 @@ class GatedAttention(nn.Module):
         super().__init__()
         if head_dim is None:
             if d_model % n_heads:
-                raise ValueError(f"GatedAttention: d_model {d_model} is not divisible by n_heads {n_heads}")
+                raise InputError(f"GatedAttention: d_model {d_model} is not divisible by n_heads {n_heads}")
             head_dim = d_model // n_heads
         if head_dim % 2:
-            raise ValueError(f"GatedAttention: rotary positions need an even head_dim; got {head_dim}")
+            raise InputError(f"GatedAttention: rotary positions need an even head_dim; got {head_dim}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
         self.rope_theta = rope_theta
         self.attn_drop = attn_drop

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.errors import InputError
 
 from .act import AdaptiveComputationTime
 from .relative_attention import RelativeMHSA
@@ -137,13 +138,13 @@ class HybridVisionBlock(nn.Module):
     ) -> None:
         """See ``ESHVision.set_routing``."""
         if mode not in ROUTING_MODES:
-            raise ValueError(f"routing mode must be one of {ROUTING_MODES}; got {mode!r}")
+            raise InputError(f"routing mode must be one of {ROUTING_MODES}; got {mode!r}")
         if attention_fraction is not None and not 0.0 <= float(attention_fraction) <= 1.0:
-            raise ValueError(f"attention_fraction must be in [0, 1] or None; got {attention_fraction}")
+            raise InputError(f"attention_fraction must be in [0, 1] or None; got {attention_fraction}")
         if mode == "soft" and attention_fraction is not None:
-            raise ValueError("attention_fraction is a hard-routing budget; use set_routing('hard', ...)")
+            raise InputError("attention_fraction is a hard-routing budget; use set_routing('hard', ...)")
         if force_alpha is not None and not 0.0 <= float(force_alpha) <= 1.0:
-            raise ValueError(f"force_alpha must be in [0, 1] or None; got {force_alpha}")
+            raise InputError(f"force_alpha must be in [0, 1] or None; got {force_alpha}")
         self.routing, self.attention_fraction, self.threshold = mode, attention_fraction, float(threshold)
         self.force_alpha = None if force_alpha is None else float(force_alpha)
         self.exclusive = bool(exclusive)

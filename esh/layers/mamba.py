@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh.errors import InputError
 from esh.ops import selective_scan, selective_state_update
 
 from .mamba_init import init_dt_proj
@@ -56,7 +57,7 @@ class Mamba(nn.Module):
     ):
         super().__init__()
         if d_model <= 0 or d_state <= 0 or d_conv <= 0 or expand <= 0:
-            raise ValueError(
+            raise InputError(
                 "Mamba: d_model, d_state, d_conv and expand must be positive; "
                 f"got {d_model}, {d_state}, {d_conv}, {expand}"
             )
@@ -115,7 +116,7 @@ class Mamba(nn.Module):
         so each row's state at its first real token is the zero state, as without the padding.
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
+            raise InputError(f"Mamba: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
         seqlen = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         x = mask_padding(x, mask)
@@ -147,7 +148,7 @@ class Mamba(nn.Module):
         """One token: (batch, 1, d_model) -> (batch, 1, d_model); both states are updated in place
         (and returned, as mamba_ssm does)."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
-            raise ValueError(f"Mamba.step: expected one token (batch, 1, d_model); got {tuple(hidden_states.shape)}")
+            raise InputError(f"Mamba.step: expected one token (batch, 1, d_model); got {tuple(hidden_states.shape)}")
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh.errors import InputError
 from esh.ops import selective_scan, selective_state_update
 
 from .mamba import copy_unless_loaded, mask_padding
@@ -47,10 +48,10 @@ class Mamba2(nn.Module):
         self.d_inner = d_inner = int(expand * d_model)
         headdim = min(headdim, d_inner)
         if d_inner % headdim:
-            raise ValueError(f"Mamba2: d_inner={d_inner} (expand * d_model) must be a multiple of headdim={headdim}")
+            raise InputError(f"Mamba2: d_inner={d_inner} (expand * d_model) must be a multiple of headdim={headdim}")
         self.headdim, self.nheads = headdim, d_inner // headdim
         if self.nheads % ngroups:
-            raise ValueError(f"Mamba2: ngroups={ngroups} must divide the number of heads {self.nheads}")
+            raise InputError(f"Mamba2: ngroups={ngroups} must divide the number of heads {self.nheads}")
         self.ngroups = ngroups
         self._init = (A_init_range, dt_min, dt_max, dt_init_floor)
         self.conv_dim = d_inner + 2 * ngroups * d_state
@@ -105,7 +106,7 @@ class Mamba2(nn.Module):
         overwritten with those after the last token (prefill). ``mask`` (batch, L) bool is False at
         left padding, which then contributes nothing to the conv or the state (as in ``Mamba``)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba2: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
+            raise InputError(f"Mamba2: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
         batch, seqlen, _ = hidden_states.shape
         z, xbc, dt = self._split(self.in_proj(hidden_states))
         xbc = mask_padding(xbc.transpose(1, 2), mask)  # (batch, conv_dim, L)
@@ -136,7 +137,7 @@ class Mamba2(nn.Module):
     def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token (batch, 1, d_model); both states are updated in place."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
-            raise ValueError(f"Mamba2.step: expected one token (batch, 1, d_model); got {tuple(hidden_states.shape)}")
+            raise InputError(f"Mamba2.step: expected one token (batch, 1, d_model); got {tuple(hidden_states.shape)}")
         dtype = hidden_states.dtype
         batch = hidden_states.shape[0]
         z, xbc, dt = self._split(self.in_proj(hidden_states.squeeze(1)))

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh.errors import InputError
+
 __all__ = ["MoEAux", "SwiGLU", "SwitchMoE"]
 
 DISPATCH_MODES = ("auto", "grouped", "padded")
@@ -97,11 +99,11 @@ class SwitchMoE(nn.Module):
     ):
         super().__init__()
         if n_experts < 1 or hidden < 1:
-            raise ValueError(f"SwitchMoE: n_experts and hidden must be >= 1; got {n_experts}, {hidden}")
+            raise InputError(f"SwitchMoE: n_experts and hidden must be >= 1; got {n_experts}, {hidden}")
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"SwitchMoE: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
+            raise InputError(f"SwitchMoE: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
         if dispatch not in DISPATCH_MODES:
-            raise ValueError(f"SwitchMoE: dispatch must be one of {DISPATCH_MODES}; got {dispatch!r}")
+            raise InputError(f"SwitchMoE: dispatch must be one of {DISPATCH_MODES}; got {dispatch!r}")
         self.d_model, self.hidden, self.n_experts = d_model, hidden, n_experts
         self.capacity_factor = capacity_factor
         self.router_jitter = router_jitter
@@ -139,7 +141,7 @@ class SwitchMoE(nn.Module):
         real = weight = None
         if token_mask is not None:
             if token_mask.shape != shape[:-1]:
-                raise ValueError(f"SwitchMoE: token_mask must be {tuple(shape[:-1])}; got {tuple(token_mask.shape)}")
+                raise InputError(f"SwitchMoE: token_mask must be {tuple(shape[:-1])}; got {tuple(token_mask.shape)}")
             real = token_mask.reshape(-1).to(torch.bool)
             if padded:  # the count stays on the device
                 n_tokens = real.sum()

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh.errors import InputError
+
 __all__ = ["RelativeMHSA"]
 
 
@@ -34,9 +36,9 @@ class RelativeMHSA(nn.Module):
     ):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"RelativeMHSA: dim {dim} is not divisible by num_heads {num_heads}")
+            raise InputError(f"RelativeMHSA: dim {dim} is not divisible by num_heads {num_heads}")
         if window_size < 1:
-            raise ValueError(f"RelativeMHSA: window_size must be >= 1; got {window_size}")
+            raise InputError(f"RelativeMHSA: window_size must be >= 1; got {window_size}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from esh._compat import import_timm
+from esh.errors import InputError
 from esh.models._checkpoint import download_weights
 
 _timm = import_timm()
@@ -61,7 +62,7 @@ def build_model(
     if feature_cls != "getter" and not (isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet)):
         # the others hook module outputs: MambaVision's stages downsample before returning
         # and Vim's blocks return (hidden, residual), so those maps would not be the features
-        raise ValueError(
+        raise InputError(
             f"feature_cls must be 'getter' for {variant} (its features come from forward_intermediates); "
             f"got {feature_cls!r}"
         )

@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from esh.errors import EshError, InputError
+
 SAFE_GLOBALS: list = [argparse.Namespace]
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(EshError, RuntimeError):
     """Released weights could not be downloaded (offline, or no such file on the hub)."""
 
 

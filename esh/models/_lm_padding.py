@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from esh.errors import InputError
+
 __all__ = ["PaddingMasks", "gather_rows", "padding_first", "padding_masks"]
 
 
@@ -41,15 +43,15 @@ def padding_masks(attention_mask: Tensor, past: int, seqlen: int, batch: int) ->
     """
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be a (batch, past + T) tensor of 0/1; got {got}")
+        raise InputError(f"attention_mask must be a (batch, past + T) tensor of 0/1; got {got}")
     total = past + seqlen
     if tuple(attention_mask.shape) != (batch, total):
-        raise ValueError(
+        raise InputError(
             f"attention_mask must be (batch, past + T) = ({batch}, {total}) (the cached tokens and the new "
             f"ones); got {tuple(attention_mask.shape)}"
         )
     if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1 (1 = real token, 0 = padding)")
+        raise InputError("attention_mask must hold only 0 and 1 (1 = real token, 0 = padding)")
     keys = attention_mask.bool()
     if bool(keys.all()):
         return None

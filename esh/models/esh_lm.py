@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from esh._compat import import_timm
+from esh.errors import InputError
 from esh.layers import GatedAttention, Mamba, MoEAux, SwitchMoE
 from esh.layers.router import TokenRouter
 from esh.models._checkpoint import CheckpointError, read_checkpoint
@@ -111,24 +112,24 @@ class ESHConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_state", "d_conv", "expand", "n_experts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ESHConfig.{name} must be a positive integer; got {value!r}")
+                raise InputError(f"ESHConfig.{name} must be a positive integer; got {value!r}")
         if self.expert_hidden < 1:
-            raise ValueError(f"ESHConfig.expert_hidden must be a positive integer; got {self.expert_hidden!r}")
+            raise InputError(f"ESHConfig.expert_hidden must be a positive integer; got {self.expert_hidden!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(
+            raise InputError(
                 f"ESHConfig: n_heads={self.n_heads} must divide d_model={self.d_model} into an even head_dim "
                 "(rotary positions rotate channel pairs)"
             )
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
-            raise ValueError(f"ESHConfig.dt_rank must be 'auto' or a positive integer; got {self.dt_rank!r}")
+            raise InputError(f"ESHConfig.dt_rank must be 'auto' or a positive integer; got {self.dt_rank!r}")
         if self.ssm_type not in ("mamba1", "mamba2"):
-            raise ValueError(f"ESHConfig.ssm_type must be 'mamba1' or 'mamba2'; got {self.ssm_type!r}")
+            raise InputError(f"ESHConfig.ssm_type must be 'mamba1' or 'mamba2'; got {self.ssm_type!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"ESHConfig.capacity_factor must be > 0 or None (dropless); got {self.capacity_factor}")
+            raise InputError(f"ESHConfig.capacity_factor must be > 0 or None (dropless); got {self.capacity_factor}")
         if self.layer_scale_init is not None and self.layer_scale_init <= 0:
-            raise ValueError(f"ESHConfig.layer_scale_init must be > 0 or None; got {self.layer_scale_init}")
+            raise InputError(f"ESHConfig.layer_scale_init must be > 0 or None; got {self.layer_scale_init}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ESHConfig.dropout must be in [0, 1); got {self.dropout}")
+            raise InputError(f"ESHConfig.dropout must be in [0, 1); got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -144,7 +145,7 @@ class ESHConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"ESHConfig: unknown field(s) {', '.join(unknown)}; expected some of {sorted(known)}")
+            raise InputError(f"ESHConfig: unknown field(s) {', '.join(unknown)}; expected some of {sorted(known)}")
         return cls(**d)
 
 
@@ -158,7 +159,7 @@ def esh_lm_param_formula(config: ESHConfig) -> dict[str, int]:
     norm d. Active = total minus the (E − 1) experts a token does not use, in every layer.
     """
     if config.ssm_type != "mamba1":
-        raise ValueError("esh_lm_param_formula covers ssm_type='mamba1' only")
+        raise InputError("esh_lm_param_formula covers ssm_type='mamba1' only")
     d, e, n, k, r = config.d_model, config.expand, config.d_state, config.d_conv, config.resolved_dt_rank
     n_exp, f, n_layers, v = config.n_experts, config.expert_hidden, config.n_layers, config.vocab_size
     di = e * d
@@ -215,7 +216,7 @@ class ESHCache:
 
     def __init__(self, n_layers: int, max_length: int | None = None, static: bool = False):
         if static and not max_length:
-            raise ValueError("ESHCache(static=True) needs max_length: the buffers never grow")
+            raise InputError("ESHCache(static=True) needs max_length: the buffers never grow")
         self.n_layers = n_layers
         self.max_length = max_length
         self.static = static
@@ -251,7 +252,7 @@ class ESHCache:
     def _update_static(self, key: Tensor, value: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
         seqlen = key.shape[-2]
         if self.lengths[layer_idx] + seqlen > self.max_length:
-            raise ValueError(
+            raise InputError(
                 f"ESHCache(static=True): {self.lengths[layer_idx]} + {seqlen} tokens do not fit max_length "
                 f"{self.max_length}"
             )
@@ -436,17 +437,17 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("generate: input_ids must be a LongTensor of shape (batch, T)")
+        raise InputError("generate: input_ids must be a LongTensor of shape (batch, T)")
     if input_ids.shape[1] == 0:
-        raise ValueError("generate: the prompt is empty (input_ids has 0 tokens); give at least one token")
+        raise InputError("generate: the prompt is empty (input_ids has 0 tokens); give at least one token")
     if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0; got {max_new_tokens}")
+        raise InputError(f"generate: max_new_tokens must be >= 0; got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy); got {temperature}")
+        raise InputError(f"generate: temperature must be >= 0 (0 = greedy); got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"generate: top_k must be >= 1 or None; got {top_k}")
+        raise InputError(f"generate: top_k must be >= 1 or None; got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1] or None; got {top_p}")
+        raise InputError(f"generate: top_p must be in (0, 1] or None; got {top_p}")
 
 
 def _static_attention_mask(position: Tensor, seqlen: int, max_length: int, padded: Tensor | None) -> Tensor:
@@ -517,7 +518,7 @@ class _CausalLMMixin:
     def _check_input_ids(self, input_ids: Tensor, labels: Tensor | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a LongTensor of shape (batch, T); got {got}")
+            raise InputError(f"input_ids must be a LongTensor of shape (batch, T); got {got}")
         vocab = self.embed_tokens.num_embeddings
         if input_ids.numel() and input_ids.device.type != "meta":
             if _checks_on_device(input_ids):
@@ -528,9 +529,9 @@ class _CausalLMMixin:
             else:
                 low, high = int(input_ids.min()), int(input_ids.max())
                 if low < 0 or high >= vocab:
-                    raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{low}, {high}]")
+                    raise InputError(f"input_ids must lie in [0, {vocab}); got values in [{low}, {high}]")
         if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
-            raise ValueError(
+            raise InputError(
                 f"labels must be a LongTensor shaped like input_ids {tuple(input_ids.shape)}; got "
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
@@ -568,9 +569,9 @@ class _CausalLMMixin:
         _check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
         if cuda_graph:
             if not use_cache or attention_mask is not None:
-                raise ValueError("generate(cuda_graph=True) needs use_cache=True and an unpadded batch")
+                raise InputError("generate(cuda_graph=True) needs use_cache=True and an unpadded batch")
             if input_ids.device.type != "cuda":
-                raise ValueError(f"generate(cuda_graph=True) needs CUDA tensors; input_ids are on {input_ids.device}")
+                raise InputError(f"generate(cuda_graph=True) needs CUDA tensors; input_ids are on {input_ids.device}")
             static_cache = True
         was_training = self.training
         self.eval()
@@ -583,7 +584,7 @@ class _CausalLMMixin:
                 length = input_ids.shape[1] + max_new_tokens
                 cache = self.new_cache(length, static=True) if static_cache else self.new_cache(length)
                 if static_cache and cache is None:
-                    raise ValueError(
+                    raise InputError(
                         f"{type(self).__name__} has no decoding cache: static_cache/cuda_graph do not apply"
                     )
             mask = {} if attention_mask is None else {"attention_mask": attention_mask}
@@ -622,7 +623,7 @@ class ESHModel(_CausalLMMixin, nn.Module):
     def __init__(self, config: ESHConfig):
         super().__init__()
         if not isinstance(config, ESHConfig):
-            raise ValueError(f"ESHModel needs an ESHConfig; got {type(config).__name__}")
+            raise InputError(f"ESHModel needs an ESHConfig; got {type(config).__name__}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
@@ -716,7 +717,7 @@ class ESHModel(_CausalLMMixin, nn.Module):
         if position_ids is not None:
             if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != seqlen or position_ids.dim() > 2:
                 got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
-                raise ValueError(f"position_ids must be (batch, T) or (T,) with T = {seqlen}; got {got}")
+                raise InputError(f"position_ids must be (batch, T) or (T,) with T = {seqlen}; got {got}")
             positions = position_ids
         elif pads is not None:
             positions = pads.positions
@@ -751,7 +752,7 @@ class ESHModel(_CausalLMMixin, nn.Module):
         ce_loss = loss = None
         if labels is not None:
             if logits_to_keep:
-                raise ValueError("labels need the logits of every position; do not combine them with logits_to_keep")
+                raise InputError("labels need the logits of every position; do not combine them with logits_to_keep")
             ce_loss = self._next_token_loss(logits, labels)
             loss = ce_loss + aux_loss
         return ESHOutput(
@@ -915,7 +916,7 @@ def _save_pretrained(model: nn.Module, config_dict: dict, save_directory: str | 
         write(target)
     else:
         if target.exists():
-            raise ValueError(f"save_pretrained: {target} exists and is not a directory")
+            raise InputError(f"save_pretrained: {target} exists and is not a directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
         try:
@@ -990,7 +991,7 @@ class MambaLM(_CausalLMMixin, nn.Module):
     ):
         super().__init__()
         if min(vocab_size, d_model, n_layers) < 1:
-            raise ValueError(f"MambaLM: sizes must be positive; got {vocab_size=}, {d_model=}, {n_layers=}")
+            raise InputError(f"MambaLM: sizes must be positive; got {vocab_size=}, {d_model=}, {n_layers=}")
         self.embed_tokens = nn.Embedding(vocab_size, d_model)
         self.layers = nn.ModuleList(
             MambaLMBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(n_layers)
@@ -1018,7 +1019,7 @@ class MambaLM(_CausalLMMixin, nn.Module):
         """Same arguments and output as ``ESHModel.forward`` (no cache: ``past_key_values`` must be None;
         a padded batch's ``attention_mask`` is (batch, T))."""
         if past_key_values is not None:
-            raise ValueError("MambaLM has no decoding cache; call it on the whole sequence")
+            raise InputError("MambaLM has no decoding cache; call it on the whole sequence")
         self._check_input_ids(input_ids, labels)
         batch, seqlen = input_ids.shape
         pads = padding_masks(attention_mask, 0, seqlen, batch) if attention_mask is not None else None
@@ -1080,7 +1081,7 @@ def esh_large(**overrides: Any) -> ESHConfig:
 
 def _create_esh_lm(config: ESHConfig, pretrained: bool, checkpoint_path: str | None) -> ESHModel:
     if pretrained:
-        raise ValueError("no released ESH LM weights exist; train one (esh lm train) and pass checkpoint_path=")
+        raise InputError("no released ESH LM weights exist; train one (esh lm train) and pass checkpoint_path=")
     model = ESHModel(config)
     if checkpoint_path is not None:
         _load_weights(model, checkpoint_path)

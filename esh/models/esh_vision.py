@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.errors import InputError
 from esh.layers.entropy import histogram_entropy, patch_histograms, pool_histograms
 from esh.layers.hybrid_block import HybridVisionBlock
 from esh.layers.mamba_init import init_dt_proj
@@ -164,9 +165,9 @@ class ESHVision(NotScriptable, nn.Module):
         cfg = self.config = dataclasses.replace(config, **overrides)
         cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
         if len(cfg.depths) != len(cfg.num_heads) or not cfg.depths or min(cfg.depths) < 1:
-            raise ValueError(f"depths {cfg.depths} and num_heads {cfg.num_heads}: one positive depth per stage")
+            raise InputError(f"depths {cfg.depths} and num_heads {cfg.num_heads}: one positive depth per stage")
         if cfg.global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {cfg.global_pool!r}")
+            raise InputError(f"global_pool must be 'avg' or '' (no pooling); got {cfg.global_pool!r}")
         self.in_chans, self.num_classes, self.global_pool = cfg.in_chans, cfg.num_classes, cfg.global_pool
         dims = [int(cfg.embed_dim * 2**i) for i in range(len(cfg.depths))]
         self.num_features = self.head_hidden_size = dims[-1]
@@ -290,7 +291,7 @@ class ESHVision(NotScriptable, nn.Module):
         self.num_classes = self.config.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+                raise InputError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -329,7 +330,7 @@ class ESHVision(NotScriptable, nn.Module):
         """Stage outputs (strides 4, 8, 16, 32); ``norm`` applies the final LayerNorm to the
         last stage's map. The final features are NCHW like ``forward_features``."""
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+            raise InputError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         intermediates = []

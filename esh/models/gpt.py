@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esh.errors import InputError
 from esh.models.esh_lm import ESHOutput, next_token_loss, sample_next_token
 
 __all__ = ["GPT", "GPTConfig"]
@@ -40,7 +41,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd ({cfg.n_embd}) must divide by n_head ({cfg.n_head})")
+            raise InputError(f"n_embd ({cfg.n_embd}) must divide by n_head ({cfg.n_head})")
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -125,7 +126,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ESHOutput:
         if input_ids.shape[1] > self.config.block_size:
-            raise ValueError(
+            raise InputError(
                 f"GPT: input of {input_ids.shape[1]} tokens is longer than block_size {self.config.block_size}"
             )
         x = self._embed(input_ids, 0)
@@ -167,7 +168,7 @@ class GPT(nn.Module):
         token. Stops early once every sequence has produced ``eos_token_id``."""
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.block_size:
-            raise ValueError(f"GPT: {total} tokens in all exceed block_size {self.config.block_size}")
+            raise InputError(f"GPT: {total} tokens in all exceed block_size {self.config.block_size}")
         was_training = self.training
         self.eval()
         ids = input_ids

@@ -52,6 +52,8 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 from transformers.utils import ModelOutput  # noqa: E402
 
+from esh.errors import InputError  # noqa: E402
+
 __all__ = ["CACHE_FIELD", "ESHCausalLMOutput", "ESHForCausalLM", "ESHHFConfig"]
 
 _ESH_FIELDS = {f.name: f for f in dataclasses.fields(ESHConfig)}
@@ -192,10 +194,10 @@ class ESHForCausalLM(ESHPreTrainedModel, GenerationMixin):
         ``use_cache`` and none is given. ``attention_mask`` (batch, past + T) may pad on the left or
         the right; ``position_ids`` default to the real tokens counted from 0."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
-            raise ValueError("ESHForCausalLM: pass the cache once, as cache= (or past_key_values=), not both")
+            raise InputError("ESHForCausalLM: pass the cache once, as cache= (or past_key_values=), not both")
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is not None or input_ids is None:
-            raise ValueError("ESHForCausalLM takes input_ids (inputs_embeds is not supported)")
+            raise InputError("ESHForCausalLM takes input_ids (inputs_embeds is not supported)")
         if use_cache is None:
             use_cache = cache is not None or getattr(self.config, "use_cache", False)
         if not use_cache:

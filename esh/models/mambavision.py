@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.errors import InputError
 from esh.layers import Attention, MambaVisionMixer
 from esh.layers.padding import crop_to, pad_to_multiple
 from esh.models._builder import build_model
@@ -239,7 +240,7 @@ class MambaVision(NotScriptable, nn.Module):
         if kwargs:
             raise TypeError(f"MambaVision got unexpected arguments {sorted(kwargs)}")
         if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+            raise InputError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -324,7 +325,7 @@ class MambaVision(NotScriptable, nn.Module):
         hub model and detection backbone return them; ``norm`` applies the final BatchNorm
         to the last stage's map."""
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+            raise InputError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
         x = self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         intermediates = []

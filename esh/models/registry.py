@@ -19,11 +19,13 @@ from typing import Any
 
 from torch import nn
 
+from esh.errors import InputError
+
 _builders: dict[str, Callable[..., nn.Module]] = {}
 _timm_names: set[str] = set()
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InputError):
     """``create_model`` was given a name that no builder is registered under."""
 
 
@@ -33,7 +35,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, timm: bool = F
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
         if name in _builders and _builders[name] is not builder:
-            raise ValueError(f"a model named {name!r} is already registered (by {_builders[name].__module__})")
+            raise InputError(f"a model named {name!r} is already registered (by {_builders[name].__module__})")
         _builders[name] = builder
         if timm:
             _register_with_timm(builder)

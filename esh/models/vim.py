@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.errors import InputError
 from esh.layers import BiMambaMixer
 from esh.models._builder import build_model
 from esh.models._checkpoint import (
@@ -73,12 +74,12 @@ def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int], patch_s
     if dynamic:
         check_image_batch(x, in_chans, "Vim")
         if min(x.shape[-2:]) < patch_size:
-            raise ValueError(f"Vim needs images of at least one {patch_size}x{patch_size} patch; got {tuple(x.shape)}")
+            raise InputError(f"Vim needs images of at least one {patch_size}x{patch_size} patch; got {tuple(x.shape)}")
         return x
     want = (in_chans, *img_size)
     if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(
+        raise InputError(
             f"this Vim was built for inputs (batch, {want[0]}, {want[1]}, {want[2]}); got {got}. "
             f"Build it for another size with create_model(..., img_size=...): checkpoints' "
             f"position embeddings are resized on load; or with dynamic_img_size=True for any size"
@@ -113,7 +114,7 @@ class VisionMamba(NotScriptable, nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grid = tuple((s - patch_size) // stride + 1 for s in self.img_size)
         if min(self.grid) < 1:
-            raise ValueError(f"img_size {self.img_size} is smaller than the patch size {patch_size}")
+            raise InputError(f"img_size {self.img_size} is smaller than the patch size {patch_size}")
         num_patches = self.grid[0] * self.grid[1]
         self.token_position = num_patches // 2  # the class token sits in the middle
         self.grad_checkpointing = False
@@ -231,7 +232,7 @@ class VisionMamba(NotScriptable, nn.Module):
         With ``stop_early`` (or ``intermediates_only``) no block after the last one asked for
         runs, and the final tokens returned are the normalised stream at that block."""
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
+            raise InputError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
         grid = self._grid_of(x)
         stop = max_index if stop_early or intermediates_only else None
@@ -262,7 +263,7 @@ class VisionMamba(NotScriptable, nn.Module):
 
 def _check_global_pool(global_pool: str) -> None:
     if global_pool not in ("token", "avg", ""):
-        raise ValueError(
+        raise InputError(
             f"global_pool must be 'token' (the class token), 'avg' (mean of all tokens) or '' (no pooling); "
             f"got {global_pool!r}"
         )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from esh.errors import InputError
+
 
 @dataclass(frozen=True)
 class DistributedSetup:
@@ -43,12 +45,12 @@ def init_distributed(device: str | torch.device) -> DistributedSetup:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if device.index is not None and device.index != local_rank:
-            raise ValueError(
+            raise InputError(
                 f"under torchrun process {local_rank} of this machine trains on cuda:{local_rank}, "
                 f"not {device}: give --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
             )
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
+            raise InputError(
                 f"LOCAL_RANK {local_rank} but this machine shows {torch.cuda.device_count()} GPUs: "
                 "start at most one process per GPU (--nproc-per-node)"
             )

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from esh.errors import InputError
 from esh.models._checkpoint import CheckpointError
 from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from esh.train.distributed import init_distributed, wrap_ddp, wrap_fsdp
@@ -81,15 +82,15 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
+            raise InputError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
+            raise InputError(f"max_steps must be >= 1; got {self.max_steps}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive; got {self.lr}")
+            raise InputError(f"lr must be positive; got {self.lr}")
         if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
+            raise InputError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
         if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp'; got {self.distributed!r}")
+            raise InputError(f"distributed must be 'ddp' or 'fsdp'; got {self.distributed!r}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -123,17 +124,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _split_batch(batch) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
         if "input_ids" not in batch:
-            raise ValueError(f"a dict batch needs 'input_ids'; got keys {sorted(batch)}")
+            raise InputError(f"a dict batch needs 'input_ids'; got keys {sorted(batch)}")
         ids = batch["input_ids"]
         labels = batch.get("labels", ids)
     elif torch.is_tensor(batch):
         ids = labels = batch
     else:
-        raise ValueError(
+        raise InputError(
             f"expected batches of token ids: a LongTensor (B, T) or a dict with input_ids[, labels]; got {type(batch)}"
         )
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor (B, T); got {ids.dtype} {tuple(ids.shape)}")
+        raise InputError(f"input_ids must be an integer tensor (B, T); got {ids.dtype} {tuple(ids.shape)}")
     return ids.long(), labels.long()
 
 
@@ -178,7 +179,7 @@ class Trainer:
         self.train_loader, self.eval_loader = train_dataloader, eval_dataloader
         if cfg.use_checkpoint:
             if not callable(getattr(model, "set_grad_checkpointing", None)):
-                raise ValueError(f"use_checkpoint=True but {type(model).__name__} has no set_grad_checkpointing()")
+                raise InputError(f"use_checkpoint=True but {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         self.forward_model = self._wrap(model)
         self.optimizer = torch.optim.AdamW(
@@ -214,9 +215,9 @@ class Trainer:
         try:
             per_epoch = len(self.train_loader) // cfg.gradient_accumulation_steps
         except TypeError:
-            raise ValueError("the training loader has no length: set TrainingConfig.max_steps") from None
+            raise InputError("the training loader has no length: set TrainingConfig.max_steps") from None
         if per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"the training loader has {len(self.train_loader)} batches, fewer than "
                 f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
             )
@@ -251,7 +252,7 @@ class Trainer:
             try:
                 batch = next(self._iter)
             except StopIteration:
-                raise ValueError("the training loader yields no batches") from None
+                raise InputError("the training loader yields no batches") from None
         self.batches_in_epoch += 1
         return batch
 
@@ -339,7 +340,7 @@ class Trainer:
         evaluation loader, in nats per token, and in bits per token / byte / character."""
         loader = loader if loader is not None else self.eval_loader
         if loader is None:
-            raise ValueError("no evaluation loader: pass eval_dataloader= to Trainer")
+            raise InputError("no evaluation loader: pass eval_dataloader= to Trainer")
         was_training = self.model.training
         self.model.eval()
         batches = []
@@ -362,7 +363,7 @@ class Trainer:
             total += row["ce_loss"] * row["n"]
             count += row["n"]
         if count == 0:
-            raise ValueError("the evaluation loader yields no tokens to predict")
+            raise InputError("the evaluation loader yields no tokens to predict")
         loss = total / count
         result = {"val_loss": loss, "val_bits_per_token": loss / math.log(2), "val_tokens": count}
         if self.config.eval_bytes_per_token:
@@ -386,7 +387,7 @@ class Trainer:
             with self._autocast():
                 out = self.forward_model(ids, labels=labels)
             if out.loss is None:
-                raise ValueError(f"{type(self.model).__name__} returned no loss for labels")
+                raise InputError(f"{type(self.model).__name__} returned no loss for labels")
             self.scaler.scale(out.loss / self.config.gradient_accumulation_steps).backward()
         stats = {"loss": out.loss}
         if getattr(out, "ce_loss", None) is not None:

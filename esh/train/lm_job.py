@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.data.tokenizer import load_tokenizer
+from esh.errors import InputError
 from esh.train.checkpoint import load_training_checkpoint
 from esh.train.distributed import close_distributed, resolve_device
 from esh.train.lm import CHECKPOINT_FILE, Trainer, TrainingConfig
@@ -49,7 +50,7 @@ def model_config(name: str, vocab_size: int, block_size: int, **overrides):
     from esh.models import esh_lm
 
     if name not in CONFIGS:
-        raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {name!r}")
+        raise InputError(f"--config must be one of {', '.join(CONFIGS)}; got {name!r}")
     builder = getattr(esh_lm, f"esh_{name}")
     return builder(vocab_size=vocab_size, max_seq_len=max(block_size + 1, 256), **overrides)
 
@@ -92,7 +93,7 @@ def train_lm(
         run_dir = Path(resume)
         job_path = run_dir / JOB_FILE
         if not job_path.is_file():
-            raise ValueError(f"--resume {resume}: no {JOB_FILE} there (not an `esh lm train` output directory)")
+            raise InputError(f"--resume {resume}: no {JOB_FILE} there (not an `esh lm train` output directory)")
         job = json.loads(job_path.read_text())
         saved = load_training_checkpoint(run_dir / CHECKPOINT_FILE)["config"]
         cfg = TrainingConfig.from_dict({**saved, **training, "out_dir": str(run_dir)})
@@ -149,7 +150,7 @@ def generate_with(
 ) -> str:
     """The prompt followed by up to ``max_new_tokens`` generated tokens, decoded."""
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one character")
+        raise InputError("the prompt is empty: give at least one character")
     ids = tokenizer.encode_tensor(prompt)
     device = next(model.parameters()).device
     generator = None
@@ -174,11 +175,11 @@ def load_lm(checkpoint: str | os.PathLike, device: str = "cpu"):
 
     path = Path(checkpoint)
     if not path.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint}: expected the output directory of `esh lm train`")
+        raise InputError(f"--checkpoint {checkpoint}: expected the output directory of `esh lm train`")
     tokenizer = load_tokenizer(path)
     model = ESHModel.from_pretrained(path, map_location=device)
     if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}"
         )
     return model.eval(), tokenizer

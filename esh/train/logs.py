@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from esh.errors import InputError
+
 
 def read_floats(rows: list[dict]) -> list[dict]:
     """The rows with each tensor value replaced by its Python float, all read in one copy from
@@ -83,7 +85,7 @@ class MetricsLog:
             self.wandb = require("wandb", "wandb", "--log wandb")
             self.wandb.init(project="esh", dir=str(out))
         elif kind != "csv":
-            raise ValueError(f"--log must be csv, tensorboard or wandb; got {kind!r}")
+            raise InputError(f"--log must be csv, tensorboard or wandb; got {kind!r}")
 
     def write(self, row: dict) -> None:
         rows = []

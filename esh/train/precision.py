@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from esh.errors import InputError
+
 AMP_DTYPES = ("bfloat16", "float16")
 
 
@@ -20,7 +22,7 @@ def amp_dtype_for(device: torch.device, amp_dtype: str | None = None) -> torch.d
     it natively (CPU, CUDA with ``is_bf16_supported``), float16 otherwise."""
     if amp_dtype is not None:
         if amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
+            raise InputError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
         return getattr(torch, amp_dtype)
     if device.type == "cpu":
         return torch.bfloat16

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from esh._compat import import_timm, require
 from esh.data.datasets import build_datasets, collate_check
+from esh.errors import InputError
 from esh.models import create_model
 from esh.models._checkpoint import CheckpointError
 from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
@@ -116,7 +117,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         return create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes, **cfg.model_kwargs)
     timm = import_timm()
     if not timm.is_model(cfg.model):
-        raise ValueError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
+        raise InputError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
     kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "", **cfg.model_kwargs)
     if cfg.img_size:
         try:  # models with position embeddings are built for the size; the others take no img_size
@@ -162,7 +163,7 @@ class Trainer:
         self.train_set, self.val_set, self.classes = build_datasets(cfg.data, seed=cfg.seed)
         self.num_classes = cfg.num_classes or len(self.classes)
         if self.num_classes < len(self.classes):
-            raise ValueError(f"the data has {len(self.classes)} classes but num_classes={self.num_classes}")
+            raise InputError(f"the data has {len(self.classes)} classes but num_classes={self.num_classes}")
         self.model = _build_model(cfg, self.num_classes)
         self.model.to(self.device)
         if cfg.channels_last:
@@ -174,7 +175,7 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
         if cfg.batch_size % self.world:
-            raise ValueError(
+            raise InputError(
                 f"--batch-size {cfg.batch_size} (the global batch) must divide by the {self.world} processes"
             )
         self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from esh.errors import InputError
 from esh.inference import eval_transform, load_image
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -53,12 +54,12 @@ def _as_pil(image: ImageLike) -> Image.Image:
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(
+            raise InputError(
                 f"an image array must be (height, width), (height, width, 3) or (height, width, 4); got {image.shape}"
             )
         if array.dtype != np.uint8:
             if not np.issubdtype(array.dtype, np.floating) or array.min() < 0 or array.max() > 1:
-                raise ValueError(
+                raise InputError(
                     f"an image array must be uint8, or floating point in [0, 1]; got {array.dtype} "
                     f"with values in [{array.min()}, {array.max()}]"
                 )
@@ -66,9 +67,9 @@ def _as_pil(image: ImageLike) -> Image.Image:
         return Image.fromarray(array)
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
-            raise ValueError(f"image {image} does not exist")
+            raise InputError(f"image {image} does not exist")
         return load_image(image)  # a ValueError naming the file if it is not an image
-    raise ValueError(f"image must be a file path, a PIL image or a numpy array; got {type(image).__name__}")
+    raise InputError(f"image must be a file path, a PIL image or a numpy array; got {type(image).__name__}")
 
 
 def _square_crop(image: ImageLike, mode: str) -> Image.Image:
@@ -77,7 +78,7 @@ def _square_crop(image: ImageLike, mode: str) -> Image.Image:
     width, height = pil.size
     side = min(width, height)
     if side < 1:
-        raise ValueError(f"the image is empty ({width}x{height} pixels)")
+        raise InputError(f"the image is empty ({width}x{height} pixels)")
     left, top = (width - side) // 2, (height - side) // 2
     return pil.crop((left, top, left + side, top + side))
 
@@ -92,7 +93,7 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def _check_routing(model: nn.Module) -> None:
     if not callable(getattr(model, "forward_with_aux", None)):
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
-        raise ValueError(
+        raise InputError(
             f"{name} has no α routing to show (no forward_with_aux); saliency needs a model that routes "
             "patches between attention and Mamba, e.g. esh_vision_nano or esh_vision_tiny"
         )
@@ -103,12 +104,12 @@ def _routing_outputs(model: nn.Module, x: Tensor) -> dict:
     out = model.forward_with_aux(x)
     missing = [k for k in ("logits", "alphas", "ponder_cost", "block_stage") if k not in out]
     if missing:
-        raise ValueError(f"{type(model).__name__}.forward_with_aux returned no {', '.join(missing)}")
+        raise InputError(f"{type(model).__name__}.forward_with_aux returned no {', '.join(missing)}")
     if len(out["alphas"]) != len(out["block_stage"]) or not out["alphas"]:
-        raise ValueError(f"forward_with_aux returned {len(out['alphas'])} α maps for {len(out['block_stage'])} blocks")
+        raise InputError(f"forward_with_aux returned {len(out['alphas'])} α maps for {len(out['block_stage'])} blocks")
     for i, alpha in enumerate(out["alphas"]):
         if alpha.ndim != 3 or alpha.shape[0] != x.shape[0]:
-            raise ValueError(f"α of block {i} should be (batch, height, width); got {tuple(alpha.shape)}")
+            raise InputError(f"α of block {i} should be (batch, height, width); got {tuple(alpha.shape)}")
     return out
 
 
@@ -143,7 +144,7 @@ def alpha_maps(
     """
     in_chans = _in_chans(model)
     if in_chans not in (1, 3):
-        raise ValueError(f"saliency draws grey or RGB images; the model takes {in_chans} input channels")
+        raise InputError(f"saliency draws grey or RGB images; the model takes {in_chans} input channels")
     crop = _square_crop(image, "L" if in_chans == 1 else "RGB")
     transform = eval_transform(model, img_size, crop_pct=1.0)  # the square is already the crop
     x = transform(crop)[None]
@@ -234,7 +235,7 @@ def render_saliency(
 
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"saliency pictures are PNG files; got --out {out} (name it .png)")
+        raise InputError(f"saliency pictures are PNG files; got --out {out} (name it .png)")
     stages, blocks = maps["stages"], maps["blocks"]
     side = stages.shape[-1]
     picture = np.asarray(_as_pil(image).resize((side, side), Image.Resampling.BICUBIC))
@@ -324,12 +325,12 @@ def load_saliency_model(
         facts = _checkpoint_facts(checkpoint_path)
     name = model_name or facts["arch"]
     if name is None:
-        raise ValueError(
+        raise InputError(
             "name the model (--model NAME): "
             + ("the checkpoint does not record one" if checkpoint_path else "no checkpoint was given")
         )
     if facts["arch"] is not None and model_name is not None and facts["arch"] != model_name:
-        raise ValueError(f"{checkpoint_path} holds a {facts['arch']} trained by esh train, not a {model_name}")
+        raise InputError(f"{checkpoint_path} holds a {facts['arch']} trained by esh train, not a {model_name}")
     kwargs = dict(facts["model_kwargs"])
     if facts["num_classes"] is not None:
         kwargs["num_classes"] = facts["num_classes"]

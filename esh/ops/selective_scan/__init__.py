@@ -38,6 +38,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from esh.errors import EshError, InputError
+
 from . import cpu_kernel, mamba_cuda, triton_scan
 from ._checks import check_scan_inputs
 from .chunked import selective_scan_chunked
@@ -62,7 +64,7 @@ BACKENDS = ("reference", "chunked", "cpu", "triton", "cuda")
 ENV_VAR = "ESH_SCAN_BACKEND"
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(EshError, RuntimeError):
     """A selective-scan backend was asked for that cannot run here."""
 
 
@@ -117,7 +119,7 @@ def _resolve(backend: str | None, device_type: str) -> tuple[str, bool]:
         return _default_backend(device_type), False
     backend = backend.strip().lower()
     if backend not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {backend!r} (from {source}); expected one of {BACKENDS}")
+        raise InputError(f"selective_scan: unknown backend {backend!r} (from {source}); expected one of {BACKENDS}")
     if backend == "cuda":
         if not mamba_cuda.is_available():
             raise BackendUnavailableError(
@@ -227,14 +229,14 @@ def selective_scan(
     name, asked = _resolve(backend, u.device.type)
     if name == "cuda" and (why := mamba_cuda.unsupported_reason(u, delta, B, C, z, initial_state)) is not None:
         if asked:
-            raise ValueError(
+            raise InputError(
                 f"selective_scan backend 'cuda' cannot run these inputs: mamba_ssm's kernel: {why}; leave "
                 "backend unset or ask for 'triton' or 'chunked'"
             )
         name = "triton" if triton_scan.is_available() else "chunked"
     if name == "triton" and (why := triton_scan.unsupported_inputs(u, delta, A, B, C, D, z, delta_bias)) is not None:
         if asked:
-            raise ValueError(f"selective_scan backend 'triton' cannot run these inputs: {why}")
+            raise InputError(f"selective_scan backend 'triton' cannot run these inputs: {why}")
         name = "chunked"
     if (
         not asked

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from esh.errors import InputError
+
 
 class ScanShape(NamedTuple):
     batch: int
@@ -26,14 +28,14 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 def _check_tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
-        raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_complex():
-        raise ValueError(
+        raise InputError(
             f"selective_scan: {name} is complex ({t.dtype}); only real A, B, C are supported "
             "(the real-valued Mamba parameterisation, A = -exp(A_log))"
         )
     if not t.is_floating_point():
-        raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+        raise InputError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
     return t
 
 
@@ -56,7 +58,7 @@ def _check_bc(name: str, t: Tensor, s: ScanShape) -> None:
         )
     )
     if not ok:
-        raise ValueError(f"selective_scan: {name} must have shape {expected}; got {shape}")
+        raise InputError(f"selective_scan: {name} must have shape {expected}; got {shape}")
 
 
 def check_scan_inputs(
@@ -78,26 +80,26 @@ def check_scan_inputs(
             _check_tensor(name, t)
 
     if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must have shape (batch, dim, L); got {_shape(u)}")
+        raise InputError(f"selective_scan: u must have shape (batch, dim, L); got {_shape(u)}")
     batch, dim, seqlen = u.shape
     if seqlen == 0:
-        raise ValueError("selective_scan: the sequence length L (last dim of u) must be at least 1")
+        raise InputError("selective_scan: the sequence length L (last dim of u) must be at least 1")
     if _shape(delta) != _shape(u):
-        raise ValueError(
+        raise InputError(
             f"selective_scan: delta must have the shape of u, (batch, dim, L) = {_shape(u)}; got {_shape(delta)}"
         )
     if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must have shape (dim, N) = ({dim}, N); got {_shape(A)}")
+        raise InputError(f"selective_scan: A must have shape (dim, N) = ({dim}, N); got {_shape(A)}")
     s = ScanShape(batch, dim, seqlen, A.shape[1])
     _check_bc("B", B, s)
     _check_bc("C", C, s)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and _shape(t) != (dim,):
-            raise ValueError(f"selective_scan: {name} must have shape (dim,) = ({dim},); got {_shape(t)}")
+            raise InputError(f"selective_scan: {name} must have shape (dim,) = ({dim},); got {_shape(t)}")
     if z is not None and _shape(z) != _shape(u):
-        raise ValueError(f"selective_scan: z must have the shape of u, (batch, dim, L) = {_shape(u)}; got {_shape(z)}")
+        raise InputError(f"selective_scan: z must have the shape of u, (batch, dim, L) = {_shape(u)}; got {_shape(z)}")
     if initial_state is not None and _shape(initial_state) != (batch, dim, s.dstate):
-        raise ValueError(
+        raise InputError(
             f"selective_scan: initial_state must have shape (batch, dim, N) = ({batch}, {dim}, {s.dstate}); "
             f"got {_shape(initial_state)}"
         )
@@ -110,7 +112,7 @@ def check_same_device(**tensors: Tensor | None) -> torch.device:
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
         listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
-        raise ValueError(f"selective_scan: all tensors must be on one device; got {listing}")
+        raise InputError(f"selective_scan: all tensors must be on one device; got {listing}")
     return first
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esh.errors import InputError
+
 from .chunked import LOG2E, is_seq_major
 
 ENV_VAR = "ESH_CPU_KERNEL"
@@ -199,7 +201,7 @@ def selective_scan_cpu(
         raise RuntimeError(f"the native CPU scan kernel is unavailable: {_build_error}")
     reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if reason is not None:
-        raise ValueError(f"selective_scan backend 'cpu' cannot run these inputs: {reason}")
+        raise InputError(f"selective_scan backend 'cpu' cannot run these inputs: {reason}")
     batch, dim, seqlen = u.shape
     n = A.shape[1]
     groups = max(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)

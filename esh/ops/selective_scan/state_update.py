@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from esh.errors import InputError
+
 from . import mamba_cuda, triton_state_update
 from ._checks import check_same_device
 from .reference import selective_state_update_reference
@@ -16,17 +18,17 @@ _SCAN_BACKENDS_AS_REFERENCE = ("chunked", "cpu")
 
 def _expect(name: str, t: Tensor | None, shape: tuple, what: str) -> None:
     if t is not None and tuple(t.shape) != shape:
-        raise ValueError(f"selective_state_update: {name} must have shape {what} = {shape}; got {tuple(t.shape)}")
+        raise InputError(f"selective_state_update: {name} must have shape {what} = {shape}; got {tuple(t.shape)}")
 
 
 def _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices) -> None:
     if state.dim() not in (3, 4):
-        raise ValueError(
+        raise InputError(
             "selective_state_update: state must be (batch, dim, N) or (batch, nheads, dim, N); "
             f"got {tuple(state.shape)}"
         )
     if state.is_complex() or A.is_complex():
-        raise ValueError("selective_state_update: only real state and A are supported")
+        raise InputError("selective_state_update: only real state and A are supported")
     # with indices, state is a cache of any number of rows and the batch is x's
     batch = state.shape[0] if state_batch_indices is None else (x.shape[0] if x.dim() else 0)
     if state.dim() == 3:
@@ -49,7 +51,7 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices) -> None:
         _expect("dt_bias", dt_bias, (heads, dim), "(nheads, dim)")
         for name, t in (("B", B), ("C", C)):
             if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != n or heads % t.shape[1]:
-                raise ValueError(
+                raise InputError(
                     f"selective_state_update: {name} must have shape (batch, ngroups, N) = "
                     f"({batch}, ngroups, {n}) with ngroups dividing nheads={heads}; got {tuple(t.shape)}"
                 )
@@ -63,17 +65,17 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices) -> None:
 def _check_indices(indices: object, batch: int, cache_rows: int) -> None:
     if not isinstance(indices, Tensor) or indices.dtype not in (torch.int32, torch.int64):
         what = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
-        raise ValueError(f"selective_state_update: state_batch_indices must be an int32 or int64 tensor; got {what}")
+        raise InputError(f"selective_state_update: state_batch_indices must be an int32 or int64 tensor; got {what}")
     _expect("state_batch_indices", indices, (batch,), "(batch,)")
     rows = indices[indices >= 0].sort().values
     if rows.numel() and rows[-1] >= cache_rows:
-        raise ValueError(
+        raise InputError(
             f"selective_state_update: state_batch_indices must be below state.shape[0] = {cache_rows} "
             f"(negative: padding); got {int(rows[-1])}"
         )
     repeated = rows[1:][rows[1:] == rows[:-1]]
     if repeated.numel():
-        raise ValueError(
+        raise InputError(
             f"selective_state_update: state_batch_indices names state row {int(repeated[0])} more than once; "
             "each request needs its own row"
         )
@@ -98,7 +100,7 @@ def _resolve(backend: str | None, state: Tensor, has_D_and_dt_bias: bool = True)
     if name in _SCAN_BACKENDS_AS_REFERENCE:
         return "reference"
     if name not in BACKENDS:
-        raise ValueError(
+        raise InputError(
             f"selective_state_update: unknown backend {backend!r} (from {source}); "
             f"expected one of {BACKENDS + _SCAN_BACKENDS_AS_REFERENCE}"
         )

@@ -40,6 +40,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from esh.errors import InputError
+
 try:
     import triton
     import triton.language as tl
@@ -687,23 +689,23 @@ def selective_scan_triton(
     tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     wide = [name for name, t in tensors.items() if t is not None and t.dtype == torch.float64]
     if wide:
-        raise ValueError(
+        raise InputError(
             f"selective_scan_triton: float64 inputs are not supported ({', '.join(wide)}); this backend "
             "computes in float32 (use the 'reference' or 'chunked' backend for float64)"
         )
     batch, dim, _ = u.shape
     N = A.shape[1]
     if initial_state is not None and tuple(initial_state.shape) != (batch, dim, N):
-        raise ValueError(
+        raise InputError(
             f"selective_scan_triton: initial_state must have shape (batch, dim, N) = {(batch, dim, N)}; "
             f"got {tuple(initial_state.shape)}"
         )
     if checkpoint_every < 1:
-        raise ValueError(f"selective_scan_triton: checkpoint_every must be >= 1; got {checkpoint_every}")
+        raise InputError(f"selective_scan_triton: checkpoint_every must be >= 1; got {checkpoint_every}")
     if block_d is None:
         block_d = _default_block_d(_next_pow2(N))
     if block_d < 1 or block_d & (block_d - 1):
-        raise ValueError(f"selective_scan_triton: block_d must be a power of two; got {block_d}")
+        raise InputError(f"selective_scan_triton: block_d must be a power of two; got {block_d}")
     # without gradients the forward keeps no checkpoints
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values())
     out, last = _SelectiveScanTriton.apply(

@@ -1,0 +1,69 @@
+"""The ``esh`` command. It only parses arguments and calls library functions that a Python
+user can call the same way. One module per group of commands: ``vision`` (models, predict,
+eval, info, export, saliency), ``train``, ``data`` (embed, align), ``lm`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from esh._version import __version__
+from esh.cli import bench, data, lm, train, vision
+from esh.cli._common import parse_model_args
+
+__all__ = ["build_parser", "main", "parse_model_args"]
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that report bad input or a missing resource, shown as one line: esh's own
+    (:class:`esh.errors.EshError`) and the operating system's about a path the user gave."""
+    from esh.errors import EshError
+
+    return (EshError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esh", description="Hybrid state-space / attention backbones.")
+    parser.add_argument("--version", action="version", version=f"esh {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also ESH_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for group in (train, vision, data, lm, bench):
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from esh.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # freed activations stay in the heap: no page faults per tensor (esh.runtime)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("ESH_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        # bad input (a missing file, a checkpoint for another model, ...): one clear line
+        if debug:
+            raise
+        print(f"esh {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"esh {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
