@@ -465,9 +465,9 @@ def test_the_esh_lm_does_not_import_transformers():
 # ---------------------------------------------------------------- no host syncs on CUDA
 def _as_on_cuda(monkeypatch, model: ESHModel) -> None:
     """Take the paths a CUDA input takes: device-side value checks, padded MoE dispatch."""
-    import esh.models.esh_lm as esh_lm
+    import esh.models.lm_common as lm_common
 
-    monkeypatch.setattr(esh_lm, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(lm_common, "checks_on_device", lambda t: True)
     for layer in model.layers:
         layer.moe.dispatch = "padded"
 

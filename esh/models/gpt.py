@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh.errors import InputError
-from esh.models.esh_lm import ESHOutput, next_token_loss, sample_next_token
+from esh.models.lm_common import ESHOutput, check_generate_args, next_token_loss, sample_next_token
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -165,7 +165,9 @@ class GPT(nn.Module):
     ) -> Tensor:
         """(B, T) prompt -> (B, T + new) ids. With ``use_cache`` the prompt is run once and every
         new token attends to the cached keys/values; without it the whole sequence is re-run per
-        token. Stops early once every sequence has produced ``eos_token_id``."""
+        token. Stops early once every sequence has produced ``eos_token_id``. Sampling arguments
+        as in ``ESHModel.generate`` (temperature 0 = greedy)."""
+        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.block_size:
             raise InputError(f"GPT: {total} tokens in all exceed block_size {self.config.block_size}")
