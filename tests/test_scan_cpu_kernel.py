@@ -86,7 +86,7 @@ def test_extreme_steps_stay_finite_and_exact():
 
 
 @needs_kernel
-def test_dispatcher_takes_the_kernel_for_inference_only(monkeypatch):
+def test_dispatcher_takes_the_kernel_for_inference_and_training(monkeypatch):
     monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
     monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
     calls = []
@@ -97,7 +97,7 @@ def test_dispatcher_takes_the_kernel_for_inference_only(monkeypatch):
     with torch.no_grad():
         selective_scan(**x)  # inference: the kernel
     x_grad = {k: None if v is None else v.clone().requires_grad_() for k, v in x.items()}
-    selective_scan(**x_grad).sum().backward()  # gradients: the chunked scan
+    selective_scan(**x_grad).sum().backward()  # gradients: the kernel's backward
     with torch.no_grad():
         selective_scan(**scan_inputs(dim=6, seqlen=9))  # 6 channels per group: not a multiple of 16
         selective_scan(**scan_inputs(dim=16, seqlen=9, B_mode="constant"))  # constant B
@@ -106,7 +106,8 @@ def test_dispatcher_takes_the_kernel_for_inference_only(monkeypatch):
     monkeypatch.setenv("ESH_CPU_KERNEL", "0")
     with torch.no_grad():
         selective_scan(**x)
-    assert calls == ["cpu", "chunked", "chunked", "chunked", "chunked", "chunked", "chunked"]
+    selective_scan(**x_grad).sum().backward()
+    assert calls == ["cpu", "cpu", "chunked", "chunked", "chunked", "chunked", "chunked", "chunked"]
     assert "cpu" not in available_backends("cpu")
 
 
@@ -131,7 +132,7 @@ def test_initial_state_matches_reference(dtype, groups):
 
 
 @needs_kernel
-def test_dispatcher_takes_the_kernel_with_an_initial_state_for_inference_only(monkeypatch):
+def test_dispatcher_takes_the_kernel_with_an_initial_state_for_inference_and_training(monkeypatch):
     monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
     monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
     calls = []
@@ -143,18 +144,20 @@ def test_dispatcher_takes_the_kernel_with_an_initial_state_for_inference_only(mo
     with torch.no_grad():
         selective_scan(**x, initial_state=h0)  # inference: the kernel
         selective_scan(**x, initial_state=h0.double())  # a float64 state: the chunked scan
-    selective_scan(**x, initial_state=h0).sum().backward()  # the state needs a gradient: chunked
-    assert calls == ["cpu", "chunked", "chunked"]
+    selective_scan(**x, initial_state=h0).sum().backward()  # the state needs a gradient: the kernel too
+    assert calls == ["cpu", "chunked", "cpu"]
     assert h0.grad is not None and h0.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: it has no backward"):
-        selective_scan(**x, initial_state=h0, backend="cpu")
+    grad = h0.grad.clone()
+    h0.grad = None
+    selective_scan(**x, initial_state=h0, backend="chunked").sum().backward()
+    torch.testing.assert_close(grad, h0.grad, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
 def test_asking_for_the_kernel_where_it_cannot_run_is_a_clear_error():
     x = {k: None if v is None else v.clone().requires_grad_() for k, v in scan_inputs(dim=16, seqlen=5).items()}
-    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: it has no backward"):
-        selective_scan(**x, backend="cpu")
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: it needs input-dependent B and C"):
+        selective_scan(**dict(x, B=x["A"].detach()), backend="cpu")
     with torch.no_grad(), pytest.raises(ValueError, match="multiple of 16 channels"):
         selective_scan(**scan_inputs(dim=6, seqlen=5), backend="cpu")
 

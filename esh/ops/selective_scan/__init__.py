@@ -5,12 +5,12 @@
 
 * ``"reference"``: the sequential loop in ``reference.py``; the specification.
 * ``"chunked"``: the fast pure-PyTorch path with its own backward (``chunked.py``); any
-  device, no compilation. The default on the CPU for training, and on CUDA where no GPU kernel
-  is there (with a one-time warning).
-* ``"cpu"``: the forward pass as one fused C loop (``scan_cpu.c``), compiled on first use with
-  the system C compiler and cached (``cpu_kernel.py``); CPU inference only. The default for
-  CPU inputs that need no gradient when a compiler is there (``ESH_CPU_KERNEL=0`` turns it
-  off); everything else falls back to ``"chunked"``.
+  device, no compilation. The default on the CPU for what the C kernel cannot run, and on CUDA
+  where no GPU kernel is there (with a one-time warning).
+* ``"cpu"``: forward and backward as fused C loops (``scan_cpu.c``), compiled on first use with
+  the system C compiler and cached (``cpu_kernel.py``); CPU tensors. The default for CPU
+  inputs it can run, for inference and training, when a compiler is there (``ESH_CPU_KERNEL=0``
+  turns it off); everything else falls back to ``"chunked"``.
 * ``"triton"``: forward and backward in Triton (``triton_scan.py``); CUDA tensors (CPU ones
   under Triton's interpreter, for tests). The default on CUDA unless mamba_ssm's kernel takes
   the call.
@@ -20,8 +20,8 @@
   ``ValueError``.
 
 Every backend but ``"cuda"`` takes an ``initial_state``, the state before the first step (the
-last state of the previous piece of a sequence scanned piece by piece); all but ``"cpu"``
-return its gradient. Under ``torch.compile`` a call is one ``esh::selective_scan`` node
+last state of the previous piece of a sequence scanned piece by piece) and returns its
+gradient. Under ``torch.compile`` a call is one ``esh::selective_scan`` node
 (``compiled.py``) whose backend is picked when the graph runs.
 
 Pick one with ``backend=`` or the ``ESH_SCAN_BACKEND`` environment variable; otherwise the
@@ -168,7 +168,7 @@ def cpu_kernel_is_default(dim: int | None = None, dstate: int | None = None, gro
     """Whether calls with no backend asked for (argument, ``use_backend`` or
     ``$ESH_SCAN_BACKEND``) go to the C kernel when it can run their inputs; given ``dim`` and
     ``dstate`` (and the groups of B and C), also whether it runs inputs of those sizes (it then
-    takes float32 CPU inference with input-dependent B and C)."""
+    takes CPU inputs with input-dependent B and C, for inference and training)."""
     if dim is not None and dstate is not None and cpu_kernel.shape_unsupported_reason(dim, dstate, groups):
         return False
     return _resolve(None, "cpu") == ("chunked", False) and cpu_kernel.available()

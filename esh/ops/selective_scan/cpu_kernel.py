@@ -1,8 +1,16 @@
-"""The ``"cpu"`` backend: the selective scan's forward pass as one fused C loop (``scan_cpu.c``).
+"""The ``"cpu"`` backend: the selective scan, forward and backward, as fused C loops (``scan_cpu.c``).
 
 The chunked PyTorch scan has to write each step's decays, inputs and states to memory and
 read them back, op by op. This kernel keeps a block of 16 channels' state in registers for the
 whole sequence instead, so inference pays for little more than the exponentials.
+
+Training goes through ``SelectiveScanCpu``, an autograd Function: its forward also keeps the
+state entering every K-th step (``checkpoint_steps``; O(batch * dim * N * L / K) floats), and
+its backward walks each block of channels back through the sequence K steps at a time,
+recomputes those K states from their checkpoint and runs the adjoint recurrence, writing every
+gradient in the same pass. Sums across channels and across the batch are reduced from
+per-block partials in a fixed order, so gradients are the same bits on every run and for any
+number of threads.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
 second), cached under ``$ESH_CACHE_DIR`` (default ``~/.cache/esh``) by a hash of the source,
@@ -10,9 +18,9 @@ the flags and this CPU, and loaded with ctypes: no Python headers, no torch head
 and nothing at install time. Where no compiler works, or ``ESH_CPU_KERNEL=0`` is set, the
 dispatcher simply keeps using the chunked scan (``available()`` says which).
 
-Forward only, CPU, float32 arithmetic (bfloat16 and float16 inputs are converted, as the other
-backends do): calls that need gradients, float64, constant B/C, groups of channels not a
-multiple of 16 or more than 64 states go to the chunked scan.
+CPU tensors, float32 arithmetic (bfloat16 and float16 inputs are converted, as the other
+backends do, and their gradients come back in their dtypes): float64, constant B/C, groups of
+channels not a multiple of 16 or more than 64 states go to the chunked scan.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -30,7 +39,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from esh.errors import InputError
@@ -111,10 +119,16 @@ def _load() -> ctypes.CDLL | None:
             except (OSError, subprocess.SubprocessError) as e:
                 errors.append(str(e))
                 continue
+            ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.esh_scan_fwd_f32.restype = None
-            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-            # u, delta, A2, B, C, D, bias, softplus, y, h_last, h_init, batch, L, dim, N, G, threads
-            lib.esh_scan_fwd_f32.argtypes = [ptr] * 7 + [ctypes.c_int] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int]
+            # u, delta, A2, B, C, D, bias, z, softplus, y, h_last, h_init, ckpt, K, batch, L, dim, N, GB, GC, threads
+            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 4 + [i64] * 7 + [cint]
+            lib.esh_scan_bwd_f32.restype = i64
+            # u, delta, A2, B, C, D, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD, dbias,
+            # dB, dC, dh0, batch, L, dim, N, GB, GC, threads
+            lib.esh_scan_bwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint]
+            lib.esh_scan_reduce_f32.restype = None
+            lib.esh_scan_reduce_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
             _lib = lib
             return lib
         _build_error = "; ".join(errors)
@@ -142,22 +156,26 @@ def build_error() -> str | None:
 
 
 def unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state=None) -> str | None:
-    """None when the kernel can run these inputs, else what stands in the way."""
+    """None when the kernel can run these inputs (forward, and backward where they need
+    gradients), else what stands in the way."""
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         return "it runs on CPU tensors only"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "it has no backward (training uses the chunked scan)"
     if any(t.dtype not in _DTYPES for t in tensors):
         return "it takes float32, bfloat16 and float16 inputs only (and computes in float32)"
     if B.dim() < 3 or C.dim() < 3:
         return "it needs input-dependent B and C"
-    groups = max(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)
-    return shape_unsupported_reason(*A.shape, groups)
+    return shape_unsupported_reason(*A.shape, _groups(B, C))
+
+
+def _groups(B: Tensor, C: Tensor) -> int:
+    """The finest grouping of channels by B and C: each group of it sees one B and one C."""
+    return math.lcm(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)
 
 
 def shape_unsupported_reason(dim: int, dstate: int, groups: int = 1) -> str | None:
-    """The part of ``unsupported_reason`` that depends on the sizes only."""
+    """The part of ``unsupported_reason`` that depends on the sizes only (``groups``: the least
+    common multiple of B's and C's groups)."""
     if (dim // groups) % BLOCK:
         return f"it needs a multiple of {BLOCK} channels per group"
     if dstate > MAX_STATES:
@@ -165,18 +183,145 @@ def shape_unsupported_reason(dim: int, dstate: int, groups: int = 1) -> str | No
     return None
 
 
-def _bc(t: Tensor, groups: int) -> Tensor:
-    """(batch, N, L) or (batch, G', N, L) -> contiguous (batch, L, G, N) float32."""
+def checkpoint_steps(dstate: int) -> int:
+    """K, the steps between the states the forward keeps for the backward: the backward holds K
+    states and decays of a block of 16 channels (2 K N 16 floats, 128 KiB at most) in L2."""
+    return max(8, min(64, 1024 // max(1, dstate)))
+
+
+def _bc(t: Tensor) -> Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> contiguous (batch, L, G, N) float32."""
     if t.dim() == 3:
         t = t.unsqueeze(1)
-    if t.shape[1] != groups:
-        t = t.repeat_interleave(groups // t.shape[1], dim=1)
     return t.permute(0, 3, 1, 2).float().contiguous()
 
 
 def _seq_major(x: Tensor) -> Tensor:
     """(batch, dim, L) -> contiguous float32 (batch, L, dim): free for float32 sequence-major views."""
     return x.transpose(1, 2).float().contiguous()
+
+
+def _opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _reduce(lib: ctypes.CDLL, part: Tensor, outer: int, count: int) -> Tensor:
+    """part viewed as (outer, count, rest) summed over count in order (a view when count is 1)."""
+    if count == 1:
+        return part
+    inner = part.numel() // (outer * count)
+    out = part.new_empty(outer, inner)
+    lib.esh_scan_reduce_f32(part.data_ptr(), out.data_ptr(), outer, count, inner, torch.get_num_threads())
+    return out
+
+
+def _from_seq_major(x_s: Tensor, like: Tensor) -> Tensor:
+    """(batch, L, dim) -> (batch, dim, L) laid out as ``like``: a view when it is sequence-major."""
+    out = x_s.transpose(1, 2)
+    return out if is_seq_major(like) else out.contiguous()
+
+
+class _Inputs:
+    """The kernel's float32 contiguous forms of the inputs (free views where they already are)."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state):
+        self.batch, self.dim, self.seqlen = u.shape
+        self.n = A.shape[1]
+        self.gb = B.shape[1] if B.dim() == 4 else 1
+        self.gc = C.shape[1] if C.dim() == 4 else 1
+        self.u, self.delta = _seq_major(u), _seq_major(delta)
+        self.A2 = (A.float() * LOG2E).t().contiguous()
+        self.B, self.C = _bc(B), _bc(C)
+        self.D, self.bias = _opt(D), _opt(delta_bias)
+        self.z = None if z is None else _seq_major(z)
+        self.h0 = _opt(initial_state)
+
+    def tensors(self) -> list[Tensor | None]:
+        return [self.u, self.delta, self.A2, self.B, self.C, self.D, self.bias, self.z, self.h0]
+
+    def forward(self, lib, softplus: bool, want_last: bool, K: int | None):
+        """(out (batch, L, dim) float32, the last state if wanted, the checkpoints if K)."""
+        batch, dim, n = self.batch, self.dim, self.n
+        y = torch.empty_like(self.u)
+        last = self.u.new_empty(batch, dim, n) if want_last else None
+        ckpt = None
+        if K:
+            ckpt = self.u.new_empty(batch, -(-self.seqlen // K), dim // BLOCK, n, BLOCK)
+        lib.esh_scan_fwd_f32(
+            *(_ptr(t) for t in self.tensors()[:8]), int(softplus), _ptr(y), _ptr(last), _ptr(self.h0),
+            _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc, torch.get_num_threads(),
+        )  # fmt: skip
+        return y, last, ckpt
+
+
+class SelectiveScanCpu(torch.autograd.Function):
+    """The C kernel's forward (keeping checkpoints) and backward, for inputs that need gradients."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint):
+        lib = _load()
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        K = checkpoint or checkpoint_steps(x.n)
+        y, last, ckpt = x.forward(lib, delta_softplus, True, K)
+        ctx.save_for_backward(*x.tensors(), ckpt)
+        ctx.meta = (x.batch, x.dim, x.seqlen, x.n, x.gb, x.gc, K, delta_softplus)
+        ctx.like = [(t.dtype, t.dim()) for t in (u, B, C)]
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        ctx.seq_major = is_seq_major(u)
+        ctx.set_materialize_grads(False)  # an unused last state's gradient stays None
+        return _from_seq_major(y, u).to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        lib = _load()
+        u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt = ctx.saved_tensors
+        batch, dim, seqlen, n, gb, gc, K, softplus = ctx.meta
+        need = ctx.needs_input_grad
+        blocks = dim // BLOCK
+        dout_s = torch.zeros_like(u) if dout is None else _seq_major(dout)
+        dlast = None if dlast is None else dlast.float().contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = None if z is None else torch.empty_like(u)
+        dA_part = u.new_empty(batch, n, dim)
+        dD_part = None if D is None else u.new_empty(batch, dim)
+        dbias_part = None if bias is None else u.new_empty(batch, dim)
+        dB_part = u.new_empty(batch, blocks, seqlen, n)
+        dC_part = u.new_empty(batch, blocks, seqlen, n)
+        dh0 = u.new_empty(batch, dim, n) if need[8] else None
+        failed = lib.esh_scan_bwd_f32(
+            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z)), int(softplus), _ptr(dout_s), _ptr(dlast),
+            _ptr(ckpt), K, _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part), _ptr(dD_part), _ptr(dbias_part),
+            _ptr(dB_part), _ptr(dC_part), _ptr(dh0), batch, seqlen, dim, n, gb, gc, torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError(f"the CPU scan's backward could not allocate its scratch for {failed} blocks")
+        dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias, dt_h0 = ctx.dtypes
+
+        def seq(g, dtype):
+            out = g.transpose(1, 2)
+            return (out if ctx.seq_major else out.contiguous()).to(dtype)
+
+        def bc(part, groups, like):
+            # (batch, blocks, L, N) -> (batch, G, L, N) -> (batch, G, N, L), or (batch, N, L)
+            g = _reduce(lib, part, batch * groups, blocks // groups).view(batch, groups, seqlen, n).transpose(2, 3)
+            return (g.squeeze(1) if like[1] == 3 else g).to(like[0])
+
+        grads = [
+            seq(du, dt_u) if need[0] else None,
+            seq(ddelta, dt_delta) if need[1] else None,
+            _reduce(lib, dA_part, 1, batch).view(n, dim).t().to(dt_A) if need[2] else None,
+            bc(dB_part, gb, ctx.like[1]) if need[3] else None,
+            bc(dC_part, gc, ctx.like[2]) if need[4] else None,
+            _reduce(lib, dD_part, 1, batch).view(dim).to(dt_D) if D is not None and need[5] else None,
+            seq(dz, dt_z) if z is not None and need[6] else None,
+            _reduce(lib, dbias_part, 1, batch).view(dim).to(dt_bias) if bias is not None and need[7] else None,
+            dh0.to(dt_h0) if dh0 is not None else None,
+        ]
+        return (*grads, None, None)
 
 
 def selective_scan_cpu(
@@ -191,38 +336,24 @@ def selective_scan_cpu(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: Tensor | None = None,
+    checkpoint_steps: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Same contract as ``selective_scan_reference``; the output comes back sequence-major
-    (a (batch, dim, L) view of (batch, L, dim) memory) when ``u`` is, contiguous otherwise.
-    ``initial_state`` (batch, dim, N): the state before the first step (default zero), e.g. the
-    last state of the previous piece of a sequence scanned piece by piece."""
+    """Same contract as ``selective_scan_reference``; the output (and the gradients of u, delta
+    and z) come back sequence-major (a (batch, dim, L) view of (batch, L, dim) memory) when ``u``
+    is, contiguous otherwise. ``initial_state`` (batch, dim, N): the state before the first step
+    (default zero), e.g. the last state of the previous piece of a sequence scanned piece by
+    piece. ``checkpoint_steps``: K for a backward (default ``checkpoint_steps(N)``)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native CPU scan kernel is unavailable: {_build_error}")
     reason = unsupported_reason(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if reason is not None:
         raise InputError(f"selective_scan backend 'cpu' cannot run these inputs: {reason}")
-    batch, dim, seqlen = u.shape
-    n = A.shape[1]
-    groups = max(B.shape[1] if B.dim() == 4 else 1, C.shape[1] if C.dim() == 4 else 1)
-    u_s, delta_s = _seq_major(u), _seq_major(delta)
-    A2 = (A.float() * LOG2E).t().contiguous()
-    Bs, Cs = _bc(B, groups), _bc(C, groups)
-    Dc = None if D is None else D.float().contiguous()
-    bias = None if delta_bias is None else delta_bias.float().contiguous()
-    y = torch.empty_like(u_s)
-    last = u_s.new_empty(batch, dim, n) if return_last_state else None
-    if initial_state is not None:  # its shape was checked with the rest by the dispatcher
-        initial_state = initial_state.float().contiguous()
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    lib.esh_scan_fwd_f32(
-        ptr(u_s), ptr(delta_s), ptr(A2), ptr(Bs), ptr(Cs), ptr(Dc), ptr(bias), int(delta_softplus),
-        ptr(y), ptr(last), ptr(initial_state), batch, seqlen, dim, n, groups, torch.get_num_threads(),
-    )  # fmt: skip
-    out = y.transpose(1, 2)
-    if not is_seq_major(u):
-        out = out.contiguous()
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, last = SelectiveScanCpu.apply(*inputs, delta_softplus, checkpoint_steps)
+        return (out, last) if return_last_state else out
+    x = _Inputs(*inputs)  # its shapes were checked with the rest by the dispatcher
+    y, last, _ = x.forward(lib, delta_softplus, return_last_state, None)
+    out = _from_seq_major(y, u).to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
     return (out, last) if return_last_state else out

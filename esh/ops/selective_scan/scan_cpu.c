@@ -1,28 +1,41 @@
-/* The selective scan's forward pass on the CPU, fused: one pass over the sequence per block of
- * 16 channels, the state (N x 16 floats) kept in registers and L1, nothing of size L x N ever
- * written to memory. Built on first use by esh/ops/selective_scan/cpu_kernel.py with the
- * system C compiler (-O3 -march=native -ffast-math -fopenmp); the decays' exponentials are
- * inlined (esh_exp2f) and vectorise with the rest. Inference only: training uses the chunked
- * PyTorch scan.
+/* The selective scan on the CPU, fused: forward and backward. One pass over the sequence per
+ * block of 16 channels, the state (N x 16 floats) kept in registers and L1, nothing of size
+ * L x N ever written to memory. Built on first use by esh/ops/selective_scan/cpu_kernel.py with
+ * the system C compiler (-O3 -march=native -ffast-math -fopenmp); the decays' exponentials are
+ * inlined (esh_exp2f) and vectorise with the rest.
  *
  *   dt[t]   = softplus(delta[t] + bias)             (or delta[t] + bias)
  *   h[t, n] = exp2(dt[t] * A2[n]) * h[t-1, n] + dt[t] * u[t] * B[t, n]
  *   y[t]    = sum_n C[t, n] * h[t, n] + D * u[t]
+ *   out[t]  = y[t] * silu(z[t])                     (or y[t])
  *
  * with A2 = A * log2(e). Layouts (all contiguous, float32):
- *   u, delta, y      (batch, L, dim)      sequence-major, as the mixers produce them
+ *   u, delta, z, out (batch, L, dim)      sequence-major, as the mixers produce them
  *   A2               (N, dim)
- *   Bm, Cm           (batch, L, G, N)     one B and C per group of dim / G channels
+ *   Bm               (batch, L, GB, N)    one B per group of dim / GB channels
+ *   Cm               (batch, L, GC, N)    one C per group of dim / GC channels
  *   Dv, bias         (dim) or NULL
+ *   z                (batch, L, dim) or NULL: the gate
  *   h_last           (batch, dim, N) or NULL: the final state
  *   h_init           (batch, dim, N) or NULL: the state before the first step (else zero), so
  *                    that a long sequence can be scanned piece by piece
- * dim / G must be a multiple of W and N at most ESH_MAX_N (cpu_kernel.py's BLOCK and MAX_STATES,
- * which the Python side checks).
+ *   ckpt             (batch, ceil(L / K), dim / W, N, W) or NULL: for a backward, the state
+ *                    entering every K-th step
+ * dim / GB and dim / GC must be multiples of W and N at most ESH_MAX_N (cpu_kernel.py's BLOCK
+ * and MAX_STATES, which the Python side checks).
+ *
+ * The backward (esh_scan_bwd_f32) walks each block's sequence in reverse, K steps at a time:
+ * it recomputes the K states from the chunk's checkpoint (kept with their decays in a per-block
+ * buffer that stays in L2), then runs the adjoint recurrence
+ *   g[t] = dL/dh[t] = C[t] dy[t] + a[t+1] g[t+1]
+ * and writes every gradient from it. Sums over channels (dB, dC) and over the batch (dA, dD,
+ * d(bias)) are written as per-block and per-batch partials that esh_scan_reduce_f32 adds in a
+ * fixed order: the same bits on every run, whatever the number of threads.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define W 16
 #define ESH_MAX_N 64
@@ -51,18 +64,23 @@ static inline float esh_exp2f(float x) {
     return p * scale.f;
 }
 
+static inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(fminf(x, 20.0f))); }
+
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                      const float *Dv, const float *bias, int softplus, float *y, float *h_last,
-                      const float *h_init, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t G,
-                      int nthreads) {
-    const int64_t dg = dim / G;
+                      const float *Dv, const float *bias, const float *z, int softplus, float *y, float *h_last,
+                      const float *h_init, float *ckpt, int64_t K, int64_t batch, int64_t L, int64_t dim,
+                      int64_t N, int64_t GB, int64_t GC, int nthreads) {
     const int64_t blocks = dim / W;
     const int64_t items = batch * blocks;
+    const int64_t nchunks = ckpt ? (L + K - 1) / K : 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t item = 0; item < items; ++item) {
         const int64_t b = item / blocks;
-        const int64_t d0 = (item % blocks) * W;
-        const int64_t g = d0 / dg;
+        const int64_t blk = item % blocks;
+        const int64_t d0 = blk * W;
+        const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
         float h[ESH_MAX_N][W];
         float a2[ESH_MAX_N][W];
         float bias_k[W], D_k[W];
@@ -76,14 +94,19 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
             D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
         }
         for (int64_t t = 0; t < L; ++t) {
+            if (ckpt && t % K == 0) {
+                float *dst = ckpt + ((b * nchunks + t / K) * blocks + blk) * N * W;
+                for (int64_t n = 0; n < N; ++n)
+                    for (int k = 0; k < W; ++k) dst[n * W + k] = h[n][k];
+            }
             const int64_t row = (b * L + t) * dim + d0;
-            const float *bt = Bm + ((b * L + t) * G + g) * N;
-            const float *ct = Cm + ((b * L + t) * G + g) * N;
+            const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+            const float *ct = Cm + ((b * L + t) * GC + gc) * N;
             float dt[W], dtu[W], acc[W];
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 float x = delta[row + k] + bias_k[k];
-                if (softplus) x = x > 20.0f ? x : log1pf(expf(fminf(x, 20.0f)));
+                if (softplus) x = softplus_f(x);
                 dt[k] = x;
                 dtu[k] = x * u[row + k];
                 acc[k] = D_k[k] * u[row + k];
@@ -97,10 +120,200 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
                     acc[k] += cn * hn;
                 }
             }
-            for (int k = 0; k < W; ++k) y[row + k] = acc[k];
+            if (z) {
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    const float zk = z[row + k];
+                    y[row + k] = acc[k] * zk * sigmoid_f(zk);
+                }
+            } else {
+                for (int k = 0; k < W; ++k) y[row + k] = acc[k];
+            }
         }
         if (h_last)
             for (int k = 0; k < W; ++k)
                 for (int64_t n = 0; n < N; ++n) h_last[(b * dim + d0 + k) * N + n] = h[n][k];
+    }
+}
+
+/* Gradients of sum(out * dout) + sum(h_last * dlast), dout (batch, L, dim), dlast (batch, dim, N)
+ * or NULL, from the forward's checkpoints (K steps apart). Written:
+ *   du, ddelta, dz (dz only with z)  (batch, L, dim)
+ *   dA_part                          (batch, N, dim): summed over the batch by the caller
+ *   dD_part, dbias_part              (batch, dim) or NULL: likewise
+ *   dB_part                          (batch, dim / W, L, N): per block of W channels, summed
+ *                                    over the blocks of a B group by the caller
+ *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
+ *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
+ * Each item needs 2 K N W + K W floats of scratch (malloc'ed); returns the number of items whose
+ * scratch could not be allocated (their gradients are then unwritten: the caller raises). */
+int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
+                         const float *Dv, const float *bias, const float *z, int softplus, const float *dout,
+                         const float *dlast, const float *ckpt, int64_t K, float *du, float *ddelta, float *dz,
+                         float *dA_part, float *dD_part, float *dbias_part, float *dB_part, float *dC_part,
+                         float *dh0, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t GB, int64_t GC,
+                         int nthreads) {
+    const int64_t blocks = dim / W;
+    const int64_t items = batch * blocks;
+    const int64_t nchunks = (L + K - 1) / K;
+    const float LN2 = 0.6931471805599453f;
+    int64_t failed = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : failed)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t b = item / blocks;
+        const int64_t blk = item % blocks;
+        const int64_t d0 = blk * W;
+        const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 1)));
+        if (!scratch) {
+            failed += 1;
+            continue;
+        }
+        float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
+        float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
+        float *dts = as + K * N * W;     /* (K, W): the steps */
+        float g[ESH_MAX_N][W];           /* the adjoint of the state */
+        float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
+        float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
+        for (int64_t n = 0; n < N; ++n)
+            for (int k = 0; k < W; ++k) {
+                g[n][k] = dlast ? dlast[(b * dim + d0 + k) * N + n] : 0.0f;
+                a2[n][k] = A2[n * dim + d0 + k];
+                dA_acc[n][k] = 0.0f;
+            }
+        for (int k = 0; k < W; ++k) {
+            bias_k[k] = bias ? bias[d0 + k] : 0.0f;
+            D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
+            dD_acc[k] = 0.0f;
+            dbias_acc[k] = 0.0f;
+        }
+        float *dBp = dB_part + (b * blocks + blk) * L * N;
+        float *dCp = dC_part + (b * blocks + blk) * L * N;
+        for (int64_t c = nchunks - 1; c >= 0; --c) {
+            const int64_t t0 = c * K;
+            const int64_t T = (L - t0) < K ? (L - t0) : K;
+            const float *h0 = ckpt + ((b * nchunks + c) * blocks + blk) * N * W;
+            /* recompute the chunk's steps, decays and states */
+            for (int64_t j = 0; j < T; ++j) {
+                const int64_t t = t0 + j;
+                const int64_t row = (b * L + t) * dim + d0;
+                const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+                float *hj = hs + j * N * W, *aj = as + j * N * W;
+                const float *hp = j ? hj - N * W : h0;
+                float dt[W], dtu[W];
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    float x = delta[row + k] + bias_k[k];
+                    if (softplus) x = softplus_f(x);
+                    dt[k] = x;
+                    dts[j * W + k] = x;
+                    dtu[k] = x * u[row + k];
+                }
+                for (int64_t n = 0; n < N; ++n) {
+                    const float bn = bt[n];
+#pragma omp simd
+                    for (int k = 0; k < W; ++k) {
+                        const float a = esh_exp2f(dt[k] * a2[n][k]);
+                        aj[n * W + k] = a;
+                        hj[n * W + k] = a * hp[n * W + k] + dtu[k] * bn;
+                    }
+                }
+            }
+            /* the adjoint recurrence, from the chunk's last step back to its first */
+            for (int64_t j = T - 1; j >= 0; --j) {
+                const int64_t t = t0 + j;
+                const int64_t row = (b * L + t) * dim + d0;
+                const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+                const float *ct = Cm + ((b * L + t) * GC + gc) * N;
+                const float *hj = hs + j * N * W, *aj = as + j * N * W;
+                const float *hp = j ? hj - N * W : h0;
+                float dt[W], uk[W], dtu[W], dy[W], ddtu[W], ddt[W];
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    dt[k] = dts[j * W + k];
+                    uk[k] = u[row + k];
+                    dtu[k] = dt[k] * uk[k];
+                    dy[k] = dout[row + k];
+                    ddtu[k] = 0.0f;
+                    ddt[k] = 0.0f;
+                }
+                if (z) { /* out = y silu(z): y recomputed from the state */
+                    float yk[W];
+                    for (int k = 0; k < W; ++k) yk[k] = D_k[k] * uk[k];
+                    for (int64_t n = 0; n < N; ++n) {
+                        const float cn = ct[n];
+#pragma omp simd
+                        for (int k = 0; k < W; ++k) yk[k] += cn * hj[n * W + k];
+                    }
+#pragma omp simd
+                    for (int k = 0; k < W; ++k) {
+                        const float zk = z[row + k];
+                        const float s = sigmoid_f(zk);
+                        dz[row + k] = dy[k] * yk[k] * s * (1.0f + zk * (1.0f - s));
+                        dy[k] *= zk * s;
+                    }
+                }
+                for (int64_t n = 0; n < N; ++n) {
+                    const float bn = bt[n], cn = ct[n];
+                    float sb = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sb, sc)
+                    for (int k = 0; k < W; ++k) {
+                        const float a = aj[n * W + k];
+                        const float gn = g[n][k] + cn * dy[k];
+                        sc += hj[n * W + k] * dy[k];
+                        sb += gn * dtu[k];
+                        ddtu[k] += gn * bn;
+                        const float q = gn * a * hp[n * W + k]; /* dL/d(log a) */
+                        dA_acc[n][k] += q * dt[k];
+                        ddt[k] += q * a2[n][k];
+                        g[n][k] = gn * a;
+                    }
+                    dBp[t * N + n] = sb;
+                    dCp[t * N + n] = sc;
+                }
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    float d = ddt[k] * LN2 + ddtu[k] * uk[k];
+                    du[row + k] = ddtu[k] * dt[k] + dy[k] * D_k[k];
+                    dD_acc[k] += dy[k] * uk[k];
+                    if (softplus) {
+                        const float x = delta[row + k] + bias_k[k];
+                        d *= x > 20.0f ? 1.0f : sigmoid_f(x);
+                    }
+                    ddelta[row + k] = d;
+                    dbias_acc[k] += d;
+                }
+            }
+        }
+        free(scratch);
+        for (int64_t n = 0; n < N; ++n)
+            for (int k = 0; k < W; ++k) {
+                dA_part[(b * N + n) * dim + d0 + k] = dA_acc[n][k];
+                if (dh0) dh0[(b * dim + d0 + k) * N + n] = g[n][k];
+            }
+        for (int k = 0; k < W; ++k) {
+            if (dD_part) dD_part[b * dim + d0 + k] = dD_acc[k];
+            if (dbias_part) dbias_part[b * dim + d0 + k] = dbias_acc[k];
+        }
+    }
+    return failed;
+}
+
+/* out[o, j] = sum_{i < count} part[o, i, j] for part (outer, count, inner), the i in order: a sum
+ * whose bits do not depend on the number of threads. */
+void esh_scan_reduce_f32(const float *part, float *out, int64_t outer, int64_t count, int64_t inner,
+                         int nthreads) {
+    const int64_t tile = 4096;
+    const int64_t tiles = (inner + tile - 1) / tile;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t item = 0; item < outer * tiles; ++item) {
+        const int64_t o = item / tiles;
+        const int64_t j0 = (item % tiles) * tile;
+        const int64_t j1 = j0 + tile < inner ? j0 + tile : inner;
+        float *dst = out + o * inner;
+        const float *src = part + o * count * inner;
+        for (int64_t j = j0; j < j1; ++j) dst[j] = src[j];
+        for (int64_t i = 1; i < count; ++i)
+            for (int64_t j = j0; j < j1; ++j) dst[j] += src[i * inner + j];
     }
 }
