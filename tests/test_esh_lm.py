@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import esh
+from esh.errors import InputError
 from esh.layers import GatedAttention, Mamba, SwitchMoE
 from esh.layers.gated_attention import apply_rotary, rotary_cos_sin
 from esh.models.esh_lm import (
@@ -95,6 +96,14 @@ def test_config_round_trips_through_asdict_and_rejects_bad_values():
         tiny_config(ssm_type="s4")
     with pytest.raises(ValueError, match="unknown field"):
         ESHConfig.from_dict({"d_model": 32, "colour": "blue"})
+
+
+def test_size_presets_return_configs_and_a_typo_names_the_close_field():
+    assert isinstance(esh_small(), ESHConfig) and isinstance(esh_medium(n_layers=2), ESHConfig)
+    with pytest.raises(InputError, match="unknown field.*d_modle; did you mean d_model"):
+        esh_small(d_modle=64)
+    with pytest.raises(InputError, match="did you mean n_layers"):
+        esh.create_model("esh_lm_small", n_layer=2)
 
 
 def test_registered_builders_take_overrides():

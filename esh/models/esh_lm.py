@@ -32,6 +32,7 @@ Hugging Face wrapper (``esh.models.hf_esh``) passes its own cache through the sa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -171,11 +172,16 @@ class ESHConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ESHConfig:
-        """``ESHConfig(**d)`` with a clear error for keys that are not config fields."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """``ESHConfig(**d)`` with a clear error for keys that are not config fields (naming the
+        closest fields)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise InputError(f"ESHConfig: unknown field(s) {', '.join(unknown)}; expected some of {sorted(known)}")
+            close = sorted({m for k in unknown for m in difflib.get_close_matches(k, known, n=3)})
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise InputError(
+                f"ESHConfig: unknown field(s) {', '.join(unknown)}{hint} (the fields: {', '.join(sorted(known))})"
+            )
         return cls(**d)
 
 
@@ -601,9 +607,10 @@ class ESHModel(CausalLMMixin, nn.Module):
 
 # ---- size presets: each returns an ESHConfig (the registered esh_lm_* builders return models)
 def esh_tiny(**overrides: Any) -> ESHConfig:
-    """Byte-level test/CPU size: d=128, 4 layers, 4 experts of 256, vocab 256 (about 2.4M parameters)."""
-    return ESHConfig(
-        **{
+    """The **config** of a byte-level test/CPU size: d=128, 4 layers, 4 experts of 256, vocab 256
+    (about 2.4M parameters); ``ESHModel(esh_tiny())`` builds the model."""
+    return ESHConfig.from_dict(
+        {
             "vocab_size": 256,
             "d_model": 128,
             "n_layers": 4,
@@ -617,23 +624,28 @@ def esh_tiny(**overrides: Any) -> ESHConfig:
 
 
 def esh_small(**overrides: Any) -> ESHConfig:
-    """About 125M parameters (127.9M total, 78.4M active per token; GPT-2 vocabulary 50304)."""
-    return ESHConfig(
-        **{"d_model": 512, "n_layers": 12, "n_heads": 8, "n_experts": 4, "expert_hidden": 896, **overrides}
+    """The **config** of an ESH LM of about 125M parameters (127.9M total, 78.4M active per token;
+    GPT-2 vocabulary 50304). ``ESHModel(esh_small())`` builds it; ``esh.create_model("esh_lm_small")``
+    returns the model directly (as ``esh_vision_small()`` does for vision)."""
+    return ESHConfig.from_dict(
+        {"d_model": 512, "n_layers": 12, "n_heads": 8, "n_experts": 4, "expert_hidden": 896, **overrides}
     )
 
 
 def esh_medium(**overrides: Any) -> ESHConfig:
-    """About 350M parameters (345.9M total, 176.0M active per token): the seed's main target."""
-    return ESHConfig(
-        **{"d_model": 768, "n_layers": 12, "n_heads": 12, "n_experts": 4, "expert_hidden": 2048, **overrides}
+    """The **config** of an ESH LM of about 350M parameters (345.9M total, 176.0M active per token),
+    the defaults of ``ESHConfig``; ``ESHModel(esh_medium())`` or ``esh.create_model("esh_lm_medium")``
+    builds the model."""
+    return ESHConfig.from_dict(
+        {"d_model": 768, "n_layers": 12, "n_heads": 12, "n_experts": 4, "expert_hidden": 2048, **overrides}
     )
 
 
 def esh_large(**overrides: Any) -> ESHConfig:
-    """About 500M parameters (499.5M total, 244.8M active per token)."""
-    return ESHConfig(
-        **{"d_model": 768, "n_layers": 18, "n_heads": 12, "n_experts": 4, "expert_hidden": 2048, **overrides}
+    """The **config** of an ESH LM of about 500M parameters (499.5M total, 244.8M active per token);
+    ``ESHModel(esh_large())`` or ``esh.create_model("esh_lm_large")`` builds the model."""
+    return ESHConfig.from_dict(
+        {"d_model": 768, "n_layers": 18, "n_heads": 12, "n_experts": 4, "expert_hidden": 2048, **overrides}
     )
 
 
@@ -648,19 +660,22 @@ def _create_esh_lm(config: ESHConfig, pretrained: bool, checkpoint_path: str | N
 
 @register_model
 def esh_lm_small(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs: Any) -> ESHModel:
-    """ESH LM small (~125M parameters); ``kwargs`` override ``ESHConfig`` fields."""
+    """The ESH LM small **model** (~125M parameters; ``esh_small()`` is its config); ``kwargs`` override
+    ``ESHConfig`` fields."""
     return _create_esh_lm(esh_small(**kwargs), pretrained, checkpoint_path)
 
 
 @register_model
 def esh_lm_medium(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs: Any) -> ESHModel:
-    """ESH LM medium (~350M parameters); ``kwargs`` override ``ESHConfig`` fields."""
+    """The ESH LM medium **model** (~350M parameters; ``esh_medium()`` is its config); ``kwargs`` override
+    ``ESHConfig`` fields."""
     return _create_esh_lm(esh_medium(**kwargs), pretrained, checkpoint_path)
 
 
 @register_model
 def esh_lm_large(pretrained: bool = False, checkpoint_path: str | None = None, **kwargs: Any) -> ESHModel:
-    """ESH LM large (~500M parameters); ``kwargs`` override ``ESHConfig`` fields."""
+    """The ESH LM large **model** (~500M parameters; ``esh_large()`` is its config); ``kwargs`` override
+    ``ESHConfig`` fields."""
     return _create_esh_lm(esh_large(**kwargs), pretrained, checkpoint_path)
 
 
