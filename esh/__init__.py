@@ -1,4 +1,12 @@
-"""esh: hybrid state-space / attention backbones (ESH-Vision, ESH LM, MambaVision, Vim)."""
+"""esh: hybrid state-space / attention backbones (ESH-Vision, ESH LM, MambaVision, Vim).
+
+The seed's names stay importable as aliases: ``esh.Trainer`` / ``esh.training.Trainer`` is
+``esh.train.LMTrainer``, ``esh.TrainingConfig`` / ``esh.training.TrainingConfig`` is
+``esh.train.LMTrainConfig`` (its older field names, ``use_amp`` and friends, still work), and
+``esh.model`` re-exports the ESH LM (``ESHConfig``, ``ESHModel``, ``esh_medium``, ...).
+``esh_small()`` and the other ``esh_<size>()`` return an ``ESHConfig`` (build the model with
+``ESHModel(cfg)``), while the vision builders (``esh_vision_small()``, ...) return models.
+"""
 
 from . import ops, runtime
 from ._version import __version__
@@ -6,16 +14,21 @@ from .models import UnknownModelError, create_model, is_model, list_models, regi
 from .models.esh_lm import ESHConfig, ESHModel, esh_large, esh_medium, esh_small
 from .models.esh_vision import ESHVisionBackbone, ESHVisionConfig
 from .runtime import tune_cpu_allocator
-from .train.lm import Trainer, TrainingConfig
+from .train import LMTrainConfig, LMTrainer, VisionTrainConfig, VisionTrainer
+from .training import Trainer, TrainingConfig
 
 __all__ = [
     "ESHConfig",
     "ESHModel",
     "ESHVisionBackbone",
     "ESHVisionConfig",
+    "LMTrainConfig",
+    "LMTrainer",
     "Trainer",
     "TrainingConfig",
     "UnknownModelError",
+    "VisionTrainConfig",
+    "VisionTrainer",
     "__version__",
     "create_model",
     "esh_large",

@@ -39,10 +39,10 @@ echo "== 2. LOCAL_RANK=0 places the model on cuda:0"
 LOCAL_RANK=0 timeout 120 python - <<'EOF'
 import tempfile
 
-from esh.train.trainer import TrainConfig, Trainer
+from esh.train.trainer import VisionTrainConfig, VisionTrainer
 
 out = tempfile.mkdtemp()
-trainer = Trainer(TrainConfig(model="mambavision_nano", epochs=1, max_steps=1, device="cuda", out=out, progress=False))
+trainer = VisionTrainer(VisionTrainConfig(model="mambavision_nano", epochs=1, max_steps=1, device="cuda", out=out, progress=False))
 devices = {str(p.device) for p in trainer.model.parameters()}
 print("parameter devices:", devices)
 assert devices == {"cuda:0"}, devices

@@ -107,8 +107,8 @@ def test_the_lm_trainer_trains_on_its_local_gpu_under_ddp(torchrun, two_gpus, dd
         pass
 
     loader = [torch.zeros(1, 4, dtype=torch.long)]
-    cfg = esh.train.lm.TrainingConfig(device="cuda", max_steps=1, out_dir=None, progress=False)
-    trainer = esh.train.lm.Trainer(NoWeights(), loader, cfg)
+    cfg = esh.train.lm.LMTrainConfig(device="cuda", max_steps=1, out_dir=None, progress=False)
+    trainer = esh.train.lm.LMTrainer(NoWeights(), loader, cfg)
     assert str(trainer.device) == "cuda:1" and (trainer.rank, trainer.world) == (1, 2)
     assert ddp_calls[0]["device_ids"] == [1] and torchrun["init"][0]["backend"] == "nccl"
 
@@ -150,8 +150,8 @@ def test_the_vision_checkpoint_saves_and_restores_the_cuda_rng(tmp_path, cuda_rn
     with np.load(DIGITS_FILE) as f:
         keep = np.concatenate([np.flatnonzero(f["labels"] == c)[:8] for c in range(2)])
         np.savez(tmp_path / "two.npz", images=f["images"][keep], labels=f["labels"][keep])
-    cfg = esh.train.TrainConfig(data=str(tmp_path / "two.npz"), batch_size=4, out=str(tmp_path), progress=False)
-    trainer = esh.train.trainer.Trainer(cfg)
+    cfg = esh.train.VisionTrainConfig(data=str(tmp_path / "two.npz"), batch_size=4, out=str(tmp_path), progress=False)
+    trainer = esh.train.trainer.VisionTrainer(cfg)
     trainer.device = torch.device("cuda:0")  # only the RNG calls see it: torch.cuda's are fakes
     path = trainer.save()
     saved = torch.load(path, weights_only=True)["rng"]
@@ -227,7 +227,7 @@ def test_the_lm_trainer_on_an_older_gpu_autocasts_to_float16_with_a_scaler_and_n
     class NoWeights(nn.Module):
         pass
 
-    cfg = esh.train.lm.TrainingConfig(device="cuda", use_amp=True, max_steps=1, out_dir=None, progress=False)
-    trainer = esh.train.lm.Trainer(NoWeights(), [torch.zeros(1, 4, dtype=torch.long)], cfg)
+    cfg = esh.train.lm.LMTrainConfig(device="cuda", use_amp=True, max_steps=1, out_dir=None, progress=False)
+    trainer = esh.train.lm.LMTrainer(NoWeights(), [torch.zeros(1, 4, dtype=torch.long)], cfg)
     assert trainer.amp_dtype == torch.float16 and trainer.scaler.is_enabled()
     assert not torch.backends.cuda.matmul.allow_tf32

@@ -15,7 +15,8 @@ from esh.data.tokenizer import ByteTokenizer
 from esh.models.esh_lm import ESHConfig, ESHModel
 from esh.models.gpt import GPT, GPTConfig
 from esh.train.checkpoint import load_training_checkpoint
-from esh.train.lm import Trainer, TrainingConfig, cosine_lr, param_groups
+from esh.train.lm import LMTrainConfig, LMTrainer, cosine_lr
+from esh.train.step import param_groups
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 
@@ -41,9 +42,9 @@ def loaders(block: int = 16, batch: int = 4, samples: int = 64):
     return train, DataLoader(ContiguousBlockDataset(tokens[cut:], block), batch_size=8)
 
 
-def config(tmp_path, **kw) -> TrainingConfig:
+def config(tmp_path, **kw) -> LMTrainConfig:
     base = dict(lr=3e-3, warmup_steps=3, max_steps=30, eval_interval=10, eval_iters=4, out_dir=str(tmp_path))
-    return TrainingConfig(**{**base, "progress": False, "device": "cpu", "eval_bytes_per_token": 1.0, **kw})
+    return LMTrainConfig(**{**base, "progress": False, "device": "cpu", "eval_bytes_per_token": 1.0, **kw})
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -68,7 +69,7 @@ def test_weight_decay_only_on_matrices():
 def test_training_lowers_the_loss_and_logs_routing(tmp_path):
     model = tiny_esh()
     train, val = loaders()
-    trainer = Trainer(model, train, config(tmp_path, max_steps=40), val)
+    trainer = LMTrainer(model, train, config(tmp_path, max_steps=40), val)
     before = trainer.evaluate()["val_loss"]
     result = trainer.train()
     assert result["val_loss"] < before - 0.5
@@ -84,7 +85,7 @@ def test_resume_equals_one_uninterrupted_run(tmp_path, accum):
     def run(out, stop=None, resume=False):
         model = tiny_esh(router_jitter=0.01, dropout=0.1)  # random numbers in every step
         train, val = loaders(samples=24)  # several data epochs in 20 steps
-        trainer = Trainer(model, train, config(out, max_steps=20, gradient_accumulation_steps=accum), val)
+        trainer = LMTrainer(model, train, config(out, max_steps=20, gradient_accumulation_steps=accum), val)
         if resume:
             torch.manual_seed(123)  # whatever the global state, the checkpoint restores it
             trainer.load_checkpoint(out)
@@ -101,7 +102,7 @@ def test_resume_equals_one_uninterrupted_run(tmp_path, accum):
 def test_checkpoints_are_complete_and_atomic(tmp_path):
     model = tiny_esh()
     train, val = loaders()
-    Trainer(model, train, config(tmp_path, max_steps=5, eval_interval=0), val).train()
+    LMTrainer(model, train, config(tmp_path, max_steps=5, eval_interval=0), val).train()
     ckpt = load_training_checkpoint(tmp_path / "last.pth")
     assert ckpt["global_step"] == 5 and {"optimizer", "rng", "epoch_rng", "scaler"} <= set(ckpt)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -114,19 +115,19 @@ def test_bad_batches_and_settings_are_refused(tmp_path):
     model = tiny_esh()
     bad = DataLoader([(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))], batch_size=1)
     with pytest.raises(ValueError, match="batches of token ids"):
-        Trainer(model, bad, config(tmp_path, max_steps=1)).train()
+        LMTrainer(model, bad, config(tmp_path, max_steps=1)).train()
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        TrainingConfig(gradient_accumulation_steps=0)
+        LMTrainConfig(gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="amp_dtype"):
-        TrainingConfig(amp_dtype="float8")
+        LMTrainConfig(amp_dtype="float8")
     with pytest.raises(ValueError, match="no length"):
-        Trainer(model, iter([]), config(tmp_path, max_steps=None))
+        LMTrainer(model, iter([]), config(tmp_path, max_steps=None))
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     model = tiny_esh()
     train, val = loaders()
-    result = Trainer(model, train, config(tmp_path, max_steps=3, use_amp=True, use_checkpoint=True), val).train()
+    result = LMTrainer(model, train, config(tmp_path, max_steps=3, use_amp=True, use_checkpoint=True), val).train()
     assert model.grad_checkpointing and math.isfinite(result["val_loss"])
 
 
@@ -134,7 +135,7 @@ def test_gpt_baseline_trains_and_its_cache_gives_the_same_tokens(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=48, n_layer=2, n_head=2, n_embd=32))
     train, val = loaders()
-    result = Trainer(model, train, config(tmp_path, max_steps=15, out_dir=None), val).train()
+    result = LMTrainer(model, train, config(tmp_path, max_steps=15, out_dir=None), val).train()
     assert result["val_loss"] < math.log(256)
     prompt = torch.randint(0, 256, (2, 5))
     assert torch.equal(model.generate(prompt, 20), model.generate(prompt, 20, use_cache=False))
@@ -223,7 +224,7 @@ def test_step_statistics_are_read_from_the_device_once_per_log_interval(tmp_path
     model.register_forward_hook(lambda m, args, out: losses.append(out.loss.item()))
     train, _ = loaders()
     cfg = config(tmp_path, max_steps=8, gradient_accumulation_steps=2, log_interval=log_interval)
-    trainer = Trainer(model, train, cfg)
+    trainer = LMTrainer(model, train, cfg)
     from esh.models.esh_lm import MoEStats
 
     monkeypatch.setattr(

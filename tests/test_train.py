@@ -19,7 +19,7 @@ import esh
 from esh.cli import main
 from esh.data.datasets import DIGITS_FILE, build_datasets, stratified_split
 from esh.models._checkpoint import CheckpointError
-from esh.train import TrainConfig, Trainer, train
+from esh.train import VisionTrainConfig, VisionTrainer, train
 from esh.train.checkpoint import atomic_save
 
 
@@ -46,11 +46,11 @@ def _small_npz(path, n_per_class=16, classes=4):
 def _cfg(tmp_path, **kw):
     data = _small_npz(tmp_path / "small.npz")
     base = dict(data=str(data), batch_size=8, epochs=2, out=str(tmp_path / "run"), progress=False, warmup_epochs=0.5)
-    return TrainConfig(**{**base, **kw})
+    return VisionTrainConfig(**{**base, **kw})
 
 
 def test_a_few_epochs_lower_the_training_loss(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, epochs=4, lr=3e-3))
+    trainer = VisionTrainer(_cfg(tmp_path, epochs=4, lr=3e-3))
     trainer.fit()
     losses = [row["train_loss"] for row in trainer.history]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
@@ -125,16 +125,16 @@ def test_corrupt_checkpoint_is_a_clear_error_and_a_failed_save_keeps_the_last_go
 
 def test_bad_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not 'digits'"):
-        train(TrainConfig(data=str(tmp_path / "missing"), progress=False))
+        train(VisionTrainConfig(data=str(tmp_path / "missing"), progress=False))
     (tmp_path / "d" / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match="train/ and val/"):
-        train(TrainConfig(data=str(tmp_path / "d"), progress=False))
+        train(VisionTrainConfig(data=str(tmp_path / "d"), progress=False))
     with pytest.raises(ValueError, match="4 classes but num_classes=2"):
         train(_cfg(tmp_path, num_classes=2))
 
 
 def test_auxiliary_losses_hook_is_added_and_logged(tmp_path, monkeypatch):
-    trainer = Trainer(_cfg(tmp_path))
+    trainer = VisionTrainer(_cfg(tmp_path))
     calls = []
 
     def aux(step):
@@ -155,7 +155,7 @@ def test_auxiliary_losses_hook_is_added_and_logged(tmp_path, monkeypatch):
 def test_model_statistics_are_logged_per_step_and_resume_keeps_one_row_per_step(tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(tmp_path, out=str(out), max_steps=3, epochs=1)
-    trainer = Trainer(cfg)
+    trainer = VisionTrainer(cfg)
     trainer.model.auxiliary_losses = lambda step: {"alpha_mean": torch.tensor(0.1 * step)}
     trainer.fit()
     with open(out / "steps.csv") as f:
@@ -164,7 +164,7 @@ def test_model_statistics_are_logged_per_step_and_resume_keeps_one_row_per_step(
     assert [float(r["alpha_mean"]) for r in rows] == pytest.approx([0.0, 0.1, 0.2])
     assert all(float(r["loss"]) > 0 and float(r["lr"]) > 0 for r in rows)
     # a run resumed from step 2 redoes step 3: the log keeps one row for it
-    trainer = Trainer(cfg)
+    trainer = VisionTrainer(cfg)
     trainer.resume(out / "last.pth")
     trainer.global_step = 2
     trainer.fit()
@@ -176,12 +176,12 @@ def test_models_that_ask_for_gradient_checkpointing_get_it_unless_refused(tmp_pa
     from esh.models import mambavision
 
     monkeypatch.setattr(mambavision.MambaVision, "default_grad_checkpointing", True, raising=False)
-    assert Trainer(_cfg(tmp_path)).model.grad_checkpointing
-    assert not Trainer(_cfg(tmp_path, grad_checkpointing=False)).model.grad_checkpointing
+    assert VisionTrainer(_cfg(tmp_path)).model.grad_checkpointing
+    assert not VisionTrainer(_cfg(tmp_path, grad_checkpointing=False)).model.grad_checkpointing
 
 
 def test_model_arguments_reach_the_builder(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, model_kwargs={"drop_path_rate": 0.2}))
+    trainer = VisionTrainer(_cfg(tmp_path, model_kwargs={"drop_path_rate": 0.2}))
     rates = [m.drop_prob for m in trainer.model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.2)
 
@@ -208,7 +208,7 @@ def test_cli_trains_on_an_image_folder(tmp_path, capsys):
                 Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
         code = main(
             ["train", "--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--out", str(out)]
         )
@@ -296,7 +296,9 @@ def test_a_hugging_face_dataset_saved_to_disk(tmp_path):
     train_set, val_set, names = build_datasets(f"hf:{tmp_path / 'hfds'}")
     assert names == ["zero", "one", "two"] and len(train_set) + len(val_set) == 30
     result = train(
-        TrainConfig(data=f"hf:{tmp_path / 'hfds'}", epochs=1, batch_size=4, out=str(tmp_path / "run"), progress=False)
+        VisionTrainConfig(
+            data=f"hf:{tmp_path / 'hfds'}", epochs=1, batch_size=4, out=str(tmp_path / "run"), progress=False
+        )
     )
     assert 0 <= result["final_val_acc"] <= 100
 
@@ -305,7 +307,7 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_install(tmp_path):
     if esh._compat.has_module("bitsandbytes"):
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(ImportError, match=r"esh\[bnb\]"):
-        Trainer(_cfg(tmp_path, optimizer="adamw8bit"))
+        VisionTrainer(_cfg(tmp_path, optimizer="adamw8bit"))
 
 
 def test_eval_uses_the_training_data_pipeline(tmp_path, capsys):
@@ -343,7 +345,7 @@ def test_losses_are_read_from_the_device_once_per_log_interval(tmp_path, monkeyp
 
     from esh.train.trainer import EpochSampler
 
-    trainer = Trainer(_cfg(tmp_path, epochs=1, max_steps=5, log_interval=log_interval))
+    trainer = VisionTrainer(_cfg(tmp_path, epochs=1, max_steps=5, log_interval=log_interval))
     losses = []
     criterion = trainer.criterion
     trainer.criterion = lambda logits, targets: losses.append(criterion(logits, targets)) or losses[-1]

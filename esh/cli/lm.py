@@ -6,18 +6,20 @@ import argparse
 import os
 
 from esh.cli._common import add_amp_arguments
+from esh.cli._config_args import add_config_arguments, given
+from esh.train.lm import LMTrainConfig
+
+_FIELDS: list[str] = []
 
 
 def _cmd_lm_train(args: argparse.Namespace) -> int:
     from esh.train.lm_job import SMOKE_TEST, train_lm
 
-    training = {k: v for k, v in vars(args).items() if k in _LM_TRAIN_FLAGS and v is not None}
+    training = given(args, _FIELDS)
     if args.amp:
-        training["use_amp"] = True
+        training["amp"] = True
     if args.amp_dtype is not None:
         training["amp_dtype"] = args.amp_dtype
-    if args.checkpointing:
-        training["use_checkpoint"] = True
     if args.smoke_test:
         training = {**SMOKE_TEST, **training}
     result = train_lm(
@@ -64,24 +66,6 @@ def _cmd_lm_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_LM_TRAIN_FLAGS = {
-    # flag: (type, help); None keeps the default (or, with --resume, the saved run's value)
-    "max_steps": (int, "optimizer steps (default 300: a few minutes on two CPU cores)"),
-    "batch_size": (int, "sequences per step and process (default 16)"),
-    "block_size": (int, "tokens per sequence (default 128)"),
-    "lr": (float, "peak learning rate (default 1e-3, cosine to a tenth)"),
-    "warmup_steps": (int, "linear warm-up steps (default 30)"),
-    "gradient_accumulation_steps": (int, "micro-batches per optimizer step (default 1)"),
-    "eval_interval": (int, "evaluate every N steps (default 100; 0: at the end only)"),
-    "eval_iters": (int, "evaluation batches (default 16)"),
-    "save_every": (int, "also checkpoint every N steps"),
-    "out_dir": (str, "output directory (default runs/lm)"),
-    "device": (str, "auto (default), cpu, cuda, cuda:1"),
-    "seed": (int, "seed for everything (default 1337)"),
-    "log": (str, "csv (always written), tensorboard or wandb"),
-}
-
-
 def add_parsers(sub) -> None:
     lm = sub.add_parser("lm", help="ESH language model: train on text, generate")
     lm_sub = lm.add_subparsers(dest="lm_command", metavar="COMMAND", required=True)
@@ -89,13 +73,18 @@ def add_parsers(sub) -> None:
     train.add_argument("--config", default="tiny", choices=("tiny", "small", "medium", "large"))
     train.add_argument("--data", default="shakespeare", help="shakespeare (default), FILE, DIR of .txt, or hf:NAME")
     train.add_argument("--tokenizer", default="byte", help="byte (default), char, bpe[:VOCAB], or a tokenizer PATH")
-    for name, (kind, text) in _LM_TRAIN_FLAGS.items():
-        flag = "--out" if name == "out_dir" else "--" + name.replace("_", "-")
-        train.add_argument(flag, dest=name, type=kind, help=text)
+    from esh.train.lm_job import DEFAULTS
+
+    _FIELDS[:] = add_config_arguments(
+        train,
+        LMTrainConfig,
+        defaults=DEFAULTS,
+        # the older spellings of two options
+        aliases={"grad_accum": ["--gradient-accumulation-steps"], "grad_checkpointing": ["--checkpointing"]},
+    )
     add_amp_arguments(train, "mixed precision")
-    train.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (recompute blocks)")
     train.add_argument("--resume", help="an output directory of esh lm train to continue exactly")
-    train.add_argument("--sample-tokens", type=int, default=200, help="tokens generated at the end (default 200)")
+    train.add_argument("--sample-tokens", type=int, default=200, help="tokens generated at the end (default: 200)")
     train.add_argument("--prompt", default="\n", help="prompt of that sample (default: a newline)")
     train.add_argument("--smoke-test", action="store_true", help="4 tiny steps, for CI")
     train.set_defaults(func=_cmd_lm_train)

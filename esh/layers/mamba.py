@@ -71,6 +71,7 @@ class Mamba(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as mamba_ssm: trainers skip them
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.reset_ssm_parameters()
 

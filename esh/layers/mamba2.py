@@ -60,6 +60,7 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as mamba_ssm: trainers skip them
         self.norm = nn.RMSNorm(d_inner, eps=norm_eps)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.reset_ssm_parameters()

@@ -1,31 +1,28 @@
-"""esh's own training checkpoints: atomic writes, everything needed for an exact resume, and
-readable back with ``torch.load(weights_only=True)``."""
+"""esh's own training checkpoints: every random stream a run draws from, written atomically
+(``esh._io.save_torch``: a crash or a full disk leaves the previous file), and read back with
+``torch.load(weights_only=True)`` and checked before a resume uses them."""
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from esh._io import save_torch
 from esh.models._checkpoint import CheckpointError, read_checkpoint
 
+# the name the trainers (and tests that write checkpoints by hand) save through
+atomic_save = save_torch
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``: a crash
-    mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -63,9 +60,37 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _valid_rng(state: object) -> bool:
+    if not isinstance(state, Mapping) or not {"torch", "numpy", "python"} <= set(state):
+        return False
+    n = state["numpy"]
+    return (
+        torch.is_tensor(state["torch"])
+        and isinstance(n, Mapping)
+        and torch.is_tensor(n.get("keys"))
+        and isinstance(state["python"], (tuple, list))
+    )
+
+
+# the entries a resume reads, and the type each must have
+_ENTRIES = {
+    "model": Mapping,
+    "optimizer": Mapping,
+    "config": Mapping,
+    "epoch": int,
+    "step_in_epoch": int,
+}
+
+
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """An esh training checkpoint, checked: every entry a resume reads is there with its type."""
     ckpt = read_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "config", "epoch", "step_in_epoch") if k not in ckpt]
+    missing = [k for k in _ENTRIES if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not an esh training checkpoint (missing {', '.join(missing)})")
+    wrong = [k for k, kind in _ENTRIES.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if "rng" in ckpt and not _valid_rng(ckpt["rng"]):
+        wrong.append("rng")
+    if wrong:
+        raise CheckpointError(f"{path} is a damaged esh training checkpoint (bad {', '.join(wrong)})")
     return ckpt

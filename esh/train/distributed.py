@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from esh.devices import resolve_device
 from esh.errors import InputError
 
 
@@ -25,17 +26,11 @@ class DistributedSetup:
     local_rank: int = 0
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; anything else as torch reads it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def init_distributed(device: str | torch.device) -> DistributedSetup:
     """The device this process trains on and its place among the processes; joins the process
-    group when started by torchrun (``WORLD_SIZE`` > 1). A single process keeps ``device`` as
-    given; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK`` and is made the current device."""
+    group when started by torchrun (``WORLD_SIZE`` > 1). ``device`` is read by
+    ``esh.devices.resolve_device`` (a device this machine lacks is a one-line error). A single
+    process keeps it as given; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK`` and is made the current device."""
     import torch.distributed as dist
 
     device = resolve_device(device)

@@ -1,4 +1,4 @@
-"""The language-model trainer: ``Trainer(model, train_dataloader, config).train()``.
+"""The language-model trainer: ``LMTrainer(model, train_dataloader, config).train()``.
 
 Works with any causal LM that follows the ESH LM contract — ``model(input_ids, labels=ids)``
 returns an object with ``loss`` (the objective: next-token cross-entropy plus the model's
@@ -9,15 +9,16 @@ LM and the GPT baseline train the same way.
 A batch is a LongTensor (B, T) of token ids (labels = the ids; the model shifts them) or a
 dict with ``input_ids`` and optionally ``labels`` (``-100`` = ignored).
 
-What it does, nanoGPT's recipe made resumable: AdamW with weight decay on matrices only (and
-never on parameters marked ``_no_weight_decay``, such as Mamba's ``A_log`` and ``D``), linear
-warm-up then cosine decay to ``min_lr`` per optimizer step, autocast (``use_amp``, ``amp_dtype``),
-gradient checkpointing (``use_checkpoint``), accumulation, clipping, evaluation of the
-held-out split (loss in nats per token, bits per token, and per byte / per character when the
-config gives bytes / characters per token), atomic checkpoints (``last.pth``, plus the model's
-``save_pretrained`` files when it has them) and exact resume: weights, optimizer, step,
-every RNG and the position in the data, so N steps in one go equal k steps, a resume, and
-N − k steps. Under ``torchrun`` the model is wrapped in DDP (or FSDP2 with
+What it does, nanoGPT's recipe made resumable: AdamW with weight decay on matrices and
+embeddings only (never on biases, norms, Mamba's ``A_log`` and ``D``: ``esh.train.step``),
+linear warm-up then cosine decay to ``min_lr`` per optimizer step, autocast (``amp``,
+``amp_dtype``), gradient checkpointing (``grad_checkpointing``), accumulation, clipping,
+evaluation of the held-out split (loss in nats per token, bits per token, and per byte / per
+character when the config gives bytes / characters per token), atomic checkpoints
+(``last.pth``, plus the model's ``save_pretrained`` files when it has them) and exact resume:
+weights, optimizer, step, every RNG and the position in the data, so N steps in one go equal k
+steps, a resume, and N − k steps. Training stops at the first non-finite loss, before any
+checkpoint of it. Under ``torchrun`` the model is wrapped in DDP (or FSDP2 with
 ``distributed="fsdp"``); every process reads its own data loader, rank 0 evaluates, logs and
 saves. Per-step statistics go to ``steps.csv``, evaluations to ``metrics.csv`` (and
 TensorBoard or wandb with ``log=``).
@@ -25,78 +26,111 @@ TensorBoard or wandb with ``log=``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from esh._io import clean_stale_temps
 from esh.errors import InputError
 from esh.models._checkpoint import CheckpointError
-from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
+from esh.train.checkpoint import load_training_checkpoint, rng_state, save_torch, seed_everything, set_rng_state
 from esh.train.distributed import init_distributed, wrap_ddp, wrap_fsdp
-from esh.train.logs import MetricsLog, StepLog, read_floats
+from esh.train.lock import OutputLock
+from esh.train.logs import LOG_KINDS, MetricsLog, StepLog, check_finite, read_floats
 from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
-from esh.train.trainer import seed_everything
+from esh.train.settings import check_float, check_int, config_from_dict, setting, with_aliases
+from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
 
 CHECKPOINT_FILE = "last.pth"
 
 
+@with_aliases
 @dataclass
-class TrainingConfig:
-    """Hyper-parameters of ``Trainer``. Defaults follow nanoGPT; ``batch_size`` and
-    ``block_size`` are what ``esh lm train`` builds its data loaders with (the trainer itself
-    reads whatever the loader yields). Steps are optimizer steps."""
+class LMTrainConfig:
+    """Hyper-parameters of ``LMTrainer`` (and the options of ``esh lm train``). Defaults follow
+    nanoGPT; ``batch_size`` and ``block_size`` are what ``esh lm train`` builds its data loaders
+    with (the trainer itself reads whatever the loader yields). Steps are optimizer steps.
 
-    lr: float = 3e-4
-    min_lr: float | None = None  # end of the cosine decay; None: lr / 10
-    warmup_steps: int = 100
-    max_steps: int | None = None  # None: num_epochs passes over the data loader
-    num_epochs: int = 1
-    batch_size: int = 12  # sequences per process and micro-batch
-    block_size: int = 256  # tokens per sequence (predictions per window)
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0  # max global gradient norm; None or 0: no clipping
-    gradient_accumulation_steps: int = 1
-    use_amp: bool = False
-    amp_dtype: str | None = None  # bfloat16 or float16 (with a gradient scaler on CUDA); None: bfloat16
-    # on the CPU and on GPUs that compute in it, float16 on older GPUs
-    use_checkpoint: bool = False  # gradient checkpointing (model.set_grad_checkpointing)
-    eval_interval: int = 250  # evaluate every N steps (and at the end); 0: only at the end
-    eval_iters: int | None = 100  # evaluation batches; None: the whole evaluation loader
-    log_interval: int = 10  # read the step statistics from the device, log them, refresh the bar every N steps
-    out_dir: str | None = "runs/lm"  # None: write nothing
-    save_every: int = 0  # also checkpoint every N steps (always at evaluations and the end)
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda when available, else cpu
-    log: str = "csv"  # csv (always), tensorboard or wandb
-    progress: bool = True
-    distributed: str = "ddp"  # under torchrun: ddp or fsdp
-    eval_bytes_per_token: float | None = None  # UTF-8 bytes per token of the evaluation split
-    eval_chars_per_token: float | None = None  # characters per token of the evaluation split
+    The names are the vision trainer's; the older ones are accepted everywhere (constructor,
+    ``from_dict``, attributes): ``num_epochs`` (``epochs``), ``gradient_accumulation_steps``
+    (``grad_accum``), ``grad_clip`` (``clip_grad``), ``use_amp`` (``amp``), ``use_checkpoint``
+    (``grad_checkpointing``), ``out_dir`` (``out``)."""
+
+    WHAT: ClassVar[str] = "LM training"
+    ALIASES: ClassVar[dict[str, str]] = {
+        "num_epochs": "epochs",
+        "gradient_accumulation_steps": "grad_accum",
+        "grad_clip": "clip_grad",
+        "use_amp": "amp",
+        "use_checkpoint": "grad_checkpointing",
+        "out_dir": "out",
+    }
+
+    lr: float = setting(3e-4, "peak learning rate (cosine decay to min_lr)")
+    min_lr: float | None = setting(None, "end of the cosine decay (lr / 10 when not given)")
+    warmup_steps: int = setting(100, "linear warm-up steps")
+    max_steps: int | None = setting(None, "optimizer steps (when not given: epochs passes over the data)")
+    epochs: int = setting(1, "passes over the training data, when max_steps is not given")
+    batch_size: int = setting(12, "sequences per process and micro-batch")
+    block_size: int = setting(256, "tokens per sequence")
+    weight_decay: float = setting(0.1, "AdamW weight decay (on matrices and embeddings only)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas")
+    clip_grad: float | None = setting(1.0, "max global gradient norm (0: no clipping)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    amp: bool = setting(False, "mixed precision (autocast)", cli=False)
+    amp_dtype: str | None = setting(None, "bfloat16 or float16 (float16 with a gradient scaler on CUDA)", cli=False)
+    grad_checkpointing: bool = setting(False, "recompute blocks in the backward (model.set_grad_checkpointing)")
+    eval_interval: int = setting(250, "evaluate every N steps, and at the end (0: only at the end)")
+    eval_iters: int | None = setting(100, "evaluation batches (None: the whole evaluation loader)")
+    log_interval: int = setting(10, "read the step statistics, log them, refresh the bar every N steps")
+    out: str | None = setting("runs/lm", "output directory (None: write nothing)")
+    save_every: int = setting(0, "also checkpoint every N steps (always at evaluations and the end)")
+    seed: int = setting(1337, "seed for everything")
+    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:N, mps")
+    log: str = setting("csv", "csv (always written), tensorboard or wandb")
+    progress: bool = setting(True, "progress bar", cli=False)
+    distributed: str = setting("ddp", "under torchrun: ddp or fsdp")
+    eval_bytes_per_token: float | None = setting(None, "UTF-8 bytes per token of the evaluation split", cli=False)
+    eval_chars_per_token: float | None = setting(None, "characters per token of the evaluation split", cli=False)
 
     def __post_init__(self) -> None:
-        if self.gradient_accumulation_steps < 1:
-            raise InputError(f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InputError(f"max_steps must be >= 1; got {self.max_steps}")
-        if self.lr <= 0:
-            raise InputError(f"lr must be positive; got {self.lr}")
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("min_lr", self.min_lr, 0.0, optional=True)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("max_steps", self.max_steps, 1, optional=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("block_size", self.block_size, 1)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise InputError(f"betas must be two numbers in [0, 1); got {self.betas!r}")
+        check_float("clip_grad", self.clip_grad, 0.0, optional=True)
+        check_int("grad_accum", self.grad_accum, 1, what=" (gradient_accumulation_steps)")
         if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
             raise InputError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
+        check_int("eval_interval", self.eval_interval, 0)
+        check_int("eval_iters", self.eval_iters, 1, optional=True)
+        check_int("log_interval", self.log_interval, 1)
+        check_int("save_every", self.save_every, 0)
+        check_int("seed", self.seed, 0)
+        if self.log not in LOG_KINDS:
+            raise InputError(f"log must be one of {', '.join(LOG_KINDS)}; got {self.log!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise InputError(f"distributed must be 'ddp' or 'fsdp'; got {self.distributed!r}")
-        self.betas = tuple(self.betas)
+        check_float("eval_bytes_per_token", self.eval_bytes_per_token, 0.0, low_open=True, optional=True)
+        check_float("eval_chars_per_token", self.eval_chars_per_token, 0.0, low_open=True, optional=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainingConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict) -> LMTrainConfig:
+        """From a saved config (older names accepted); unknown keys are an error naming the close matches."""
+        return config_from_dict(cls, d)
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -108,17 +142,6 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_step
         return min_lr
     ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on parameters with two or more dimensions (matrices, embeddings), none on
-    biases, norm weights, LayerScale gammas, or anything marked ``_no_weight_decay``."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _split_batch(batch) -> tuple[Tensor, Tensor]:
@@ -158,7 +181,7 @@ def _set_epoch(loader, epoch: int) -> None:
             owner.set_epoch(epoch)
 
 
-class Trainer:
+class LMTrainer:
     """Train a causal LM. ``train()`` returns the last evaluation (``val_loss`` in nats per
     token, ``val_bits_per_token``, ``val_bpb`` / ``val_bpc`` when the config gives the ratios)
     and the steps done; ``evaluate()`` scores the evaluation loader alone."""
@@ -167,33 +190,36 @@ class Trainer:
         self,
         model: nn.Module,
         train_dataloader,
-        config: TrainingConfig | None = None,
+        config: LMTrainConfig | None = None,
         eval_dataloader=None,
     ):
-        self.config = cfg = config or TrainingConfig()
+        self.config = cfg = config or LMTrainConfig()
         setup = init_distributed(cfg.device)  # under torchrun: cuda:LOCAL_RANK, the process group
         self.device, self.rank, self.world = setup.device, setup.rank, setup.world
         self.lead = self.rank == 0
         seed_everything(cfg.seed)
         self.model = model.to(self.device)
         self.train_loader, self.eval_loader = train_dataloader, eval_dataloader
-        if cfg.use_checkpoint:
+        if cfg.grad_checkpointing:
             if not callable(getattr(model, "set_grad_checkpointing", None)):
-                raise InputError(f"use_checkpoint=True but {type(model).__name__} has no set_grad_checkpointing()")
+                raise InputError(f"grad_checkpointing=True but {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         self.forward_model = self._wrap(model)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda"
         )
         self.amp_dtype = amp_dtype_for(self.device, cfg.amp_dtype)
-        self.scaler = grad_scaler(self.device, cfg.use_amp, cfg.amp_dtype)
+        self.scaler = grad_scaler(self.device, cfg.amp, cfg.amp_dtype)
+        self.stepper = OptimizerStep(
+            model, self.forward_model, self.optimizer, self.scaler, cfg.grad_accum, cfg.clip_grad
+        )
         enable_tf32(self.device)
         # the step statistics are summed over micro-batches on the device, in float64 like the
         # Python floats they replace (MPS has no float64)
         self._stat_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.total_steps = self._total_steps()
         self.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+        self.out = Path(cfg.out) if cfg.out else None
         self.step = self.epoch = self.batches_in_epoch = 0
         self.epoch_rng: dict | None = None
         self.history: list[dict] = []
@@ -213,18 +239,17 @@ class Trainer:
         if cfg.max_steps is not None:
             return cfg.max_steps
         try:
-            per_epoch = len(self.train_loader) // cfg.gradient_accumulation_steps
+            per_epoch = len(self.train_loader) // cfg.grad_accum
         except TypeError:
-            raise InputError("the training loader has no length: set TrainingConfig.max_steps") from None
+            raise InputError("the training loader has no length: set LMTrainConfig.max_steps") from None
         if per_epoch < 1:
             raise InputError(
-                f"the training loader has {len(self.train_loader)} batches, fewer than "
-                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
+                f"the training loader has {len(self.train_loader)} batches, fewer than grad_accum={cfg.grad_accum}"
             )
-        return per_epoch * cfg.num_epochs
+        return per_epoch * cfg.epochs
 
     def _autocast(self):
-        return autocast(self.device, self.config.use_amp, self.config.amp_dtype)
+        return autocast(self.device, self.config.amp, self.config.amp_dtype)
 
     # --- data -----------------------------------------------------------------------------
     def _start_epoch(self, skip: int = 0) -> None:
@@ -294,7 +319,7 @@ class Trainer:
         if not self.lead:
             return None
         path = self.out / CHECKPOINT_FILE
-        atomic_save(state, path)
+        save_torch(state, path)
         fsdp = self.world > 1 and self.config.distributed == "fsdp"  # sharded parameters: last.pth only
         if callable(getattr(self.model, "save_pretrained", None)) and not fsdp:
             self.model.save_pretrained(self.out)
@@ -373,27 +398,21 @@ class Trainer:
         return result
 
     # --- training -------------------------------------------------------------------------
-    def _micro_step(self, batch, sync: bool) -> tuple[dict, int]:
+    def _micro_step(self, batch, last: bool) -> tuple[dict, int]:
         """Forward and backward of one micro-batch; its statistics stay on the device."""
         ids, labels = _split_batch(batch)
         ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        no_sync = getattr(self.forward_model, "no_sync", None)
-        ctx = (
-            no_sync()
-            if (not sync and callable(no_sync) and self.config.distributed == "ddp")
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        with self.stepper.micro_batch(last):
             with self._autocast():
                 out = self.forward_model(ids, labels=labels)
             if out.loss is None:
                 raise InputError(f"{type(self.model).__name__} returned no loss for labels")
-            self.scaler.scale(out.loss / self.config.gradient_accumulation_steps).backward()
+            self.stepper.backward(out.loss)
         stats = {"loss": out.loss}
         if getattr(out, "ce_loss", None) is not None:
             stats["ce_loss"] = out.ce_loss
-        if getattr(out, "aux_loss", None) is not None:
-            stats["aux_loss"] = out.aux_loss
+        _, logged = auxiliary_loss(self.model, out, self.step)  # already in out.loss: logged only
+        stats.update(logged)
         alphas = getattr(out, "alphas", None)
         if alphas:
             stats["alpha_mean"] = torch.stack([a.detach().float().mean() for a in alphas]).mean()
@@ -410,21 +429,13 @@ class Trainer:
             group["lr"] = lr
         sums: dict = {}
         tokens = 0
-        for micro in range(cfg.gradient_accumulation_steps):
-            stats, n = self._micro_step(self._next_batch(), sync=micro == cfg.gradient_accumulation_steps - 1)
+        for micro in range(cfg.grad_accum):
+            stats, n = self._micro_step(self._next_batch(), last=micro == cfg.grad_accum - 1)
             tokens += n
             for k, v in stats.items():
-                v = v / cfg.gradient_accumulation_steps
+                v = v / cfg.grad_accum
                 sums[k] = sums[k] + v if k in sums else v
-        grad_norm = float("nan")
-        if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            if self.world > 1 and cfg.distributed == "fsdp":  # a DTensor over sharded gradients
-                grad_norm = grad_norm.full_tensor()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.stepper.update()
         self.step += 1
         return {"lr": lr, "grad_norm": grad_norm, **sums}, tokens * self.world
 
@@ -433,6 +444,7 @@ class Trainer:
         steps.csv, show the last one; returns it."""
         rows = read_floats(pending)
         pending.clear()
+        check_finite(rows)
         if step_log is not None:
             for row in rows:
                 step_log.write(row)
@@ -453,10 +465,16 @@ class Trainer:
         cfg = self.config
         self.model.train()
         step_log = logger = None
-        if self.out is not None and self.lead:
-            self.out.mkdir(parents=True, exist_ok=True)
-            step_log = StepLog(self.out / "steps.csv", self.step)
-            logger = MetricsLog(self.out, cfg.log, key="step")
+        lock = OutputLock(self.out) if self.out is not None and self.lead else None
+        if lock is not None:
+            lock.acquire()
+            try:
+                clean_stale_temps(self.out)
+                step_log = StepLog(self.out / "steps.csv", self.step)
+                logger = MetricsLog(self.out, cfg.log, key="step")
+            except BaseException:
+                lock.release()
+                raise
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -480,14 +498,19 @@ class Trainer:
                 )
                 save = evaluate or at_end or (cfg.save_every and self.step % cfg.save_every == 0)
                 # a checkpoint's steps are always logged; the device is read once per interval
-                if save or self.step % max(cfg.log_interval, 1) == 0 or self.step == self.total_steps:
+                if save or self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                     row = self._log_steps(pending, step_log, bar, last_eval)
                 # under FSDP every forward gathers shards from all ranks: all of them evaluate
                 fsdp = self.world > 1 and cfg.distributed == "fsdp"
                 if evaluate and fsdp and not self.lead:
                     self.evaluate()
                 if evaluate and self.lead:
-                    last_eval = self.evaluate()
+                    try:
+                        last_eval = self.evaluate()
+                    except BaseException:
+                        if save:  # the trained weights are kept whatever the evaluation does
+                            self.save()
+                        raise
                     entry = {
                         "step": self.step,
                         "train_loss": row["loss"],
@@ -510,4 +533,6 @@ class Trainer:
                 step_log.close()
             if logger is not None:
                 logger.close()
+            if lock is not None:
+                lock.release()
         return {"steps": self.step, "seconds": time.perf_counter() - start, **last_eval}

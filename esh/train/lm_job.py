@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from esh._io import write_text
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.data.tokenizer import load_tokenizer
+from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.train.checkpoint import load_training_checkpoint
-from esh.train.distributed import close_distributed, resolve_device
-from esh.train.lm import CHECKPOINT_FILE, Trainer, TrainingConfig
+from esh.train.distributed import close_distributed
+from esh.train.lm import CHECKPOINT_FILE, LMTrainConfig, LMTrainer
+from esh.train.lock import OutputLock
+from esh.train.settings import canonical, check_int
 
 JOB_FILE = "lm_job.json"
 CONFIGS = ("tiny", "small", "medium", "large")
@@ -40,9 +44,11 @@ DEFAULTS = dict(
     betas=(0.9, 0.99),
     eval_interval=100,
     eval_iters=16,
-    out_dir="runs/lm",
+    out="runs/lm",
 )
 SMOKE_TEST = dict(max_steps=4, warmup_steps=1, batch_size=2, block_size=32, eval_interval=0, eval_iters=2)
+# what an exact resume cannot change: the data it reads and the order it reads them in
+RESUME_FIXED = ("batch_size", "block_size", "grad_accum", "seed")
 
 
 def model_config(name: str, vocab_size: int, block_size: int, **overrides):
@@ -55,7 +61,7 @@ def model_config(name: str, vocab_size: int, block_size: int, **overrides):
     return builder(vocab_size=vocab_size, max_seq_len=max(block_size + 1, 256), **overrides)
 
 
-def _loaders(data: LMData, cfg: TrainingConfig, workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def _loaders(data: LMData, cfg: LMTrainConfig, workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """Random training windows (one "epoch" = one pass over the training tokens in expectation)
     and contiguous evaluation windows; under torchrun each process reads its own share. On CUDA
     the batches come in pinned memory (their copies to the GPU overlap the computation)."""
@@ -72,6 +78,13 @@ def _loaders(data: LMData, cfg: TrainingConfig, workers: int = 0) -> tuple[DataL
     return train, val
 
 
+def _check_job(sample_tokens: object, prompt: object, workers: object) -> None:
+    check_int("sample_tokens", sample_tokens, 0)
+    check_int("workers", workers, 0)
+    if sample_tokens and not (isinstance(prompt, str) and prompt):
+        raise InputError("the prompt of the sample is empty: give at least one character (or --sample-tokens 0)")
+
+
 def train_lm(
     config: str = "tiny",
     data: str = "shakespeare",
@@ -84,45 +97,74 @@ def train_lm(
     **training: object,
 ) -> dict:
     """Train an ESH LM and return the final evaluation, a generated sample and the output
-    directory. ``training`` overrides ``TrainingConfig`` fields (``max_steps``, ``batch_size``,
-    ``block_size``, ``lr``, ``use_amp``, ``amp_dtype``, ``use_checkpoint``, ``out_dir``, ...); ``resume`` is an
-    output directory to continue exactly (its own settings are used, the overrides on top)."""
+    directory. ``training`` overrides ``LMTrainConfig`` fields (``max_steps``, ``batch_size``,
+    ``block_size``, ``lr``, ``amp``, ``amp_dtype``, ``grad_checkpointing``, ``out``, ... or
+    their older names); ``resume`` is an output directory to continue exactly (its own settings
+    are used, the overrides on top, except those that change the data it reads). Every setting
+    is checked before anything is read or trained; the trained model is saved before the sample
+    is generated."""
     from esh.models.esh_lm import ESHConfig, ESHModel
 
+    _check_job(sample_tokens, prompt, workers)
+    training = canonical(LMTrainConfig, training, LMTrainConfig.WHAT)
     if resume is not None:
         run_dir = Path(resume)
         job_path = run_dir / JOB_FILE
         if not job_path.is_file():
             raise InputError(f"--resume {resume}: no {JOB_FILE} there (not an `esh lm train` output directory)")
         job = json.loads(job_path.read_text())
-        saved = load_training_checkpoint(run_dir / CHECKPOINT_FILE)["config"]
-        cfg = TrainingConfig.from_dict({**saved, **training, "out_dir": str(run_dir)})
-        tok = load_tokenizer(run_dir)
-        lm_data = prepare_lm_data(job["data"], tok, job["val_fraction"], job.get("text_column"))
-        model = ESHModel(ESHConfig.from_dict(json.loads((run_dir / "config.json").read_text())))
+        saved = LMTrainConfig.from_dict(load_training_checkpoint(run_dir / CHECKPOINT_FILE)["config"])
+        for name in RESUME_FIXED:
+            if name in training and training[name] != getattr(saved, name):
+                raise InputError(
+                    f"--resume continues the saved run exactly: its {name} is {getattr(saved, name)!r}, not "
+                    f"{training[name]!r} (start a new run with another --out to change it)"
+                )
+        cfg = replace(saved, **{**training, "out": str(run_dir)})
+        model_cfg = ESHConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     else:
-        cfg = TrainingConfig.from_dict({**DEFAULTS, **training})
-        lm_data = prepare_lm_data(data, tokenizer, 0.1, text_column)
-        tok = lm_data.tokenizer
-        torch.manual_seed(cfg.seed)
-        model = ESHModel(model_config(config, tok.vocab_size, cfg.block_size))
-        job = {"config": config, "data": str(data), "tokenizer": tokenizer, "val_fraction": 0.1}
-        if text_column:
-            job["text_column"] = text_column
-    cfg.eval_bytes_per_token = lm_data.val_bytes_per_token
-    cfg.eval_chars_per_token = lm_data.val_chars_per_token
-    train_loader, val_loader = _loaders(lm_data, cfg, workers)
-    trainer = Trainer(model, train_loader, cfg, val_loader)
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    if out is not None and trainer.lead:
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
-        tmp = out / f".{JOB_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({**job, "training": asdict(cfg)}, indent=2))
-        os.replace(tmp, out / JOB_FILE)
-    if resume is not None:
-        trainer.load_checkpoint(Path(resume))
-    result = trainer.train()
+        cfg = LMTrainConfig(**{**DEFAULTS, **training})
+        if config not in CONFIGS:
+            raise InputError(f"--config must be one of {', '.join(CONFIGS)}; got {config!r}")
+        model_cfg = None
+    resolve_device(cfg.device)  # a device this machine lacks fails before the data is read
+    if model_cfg is not None and cfg.block_size >= model_cfg.max_seq_len:
+        raise InputError(
+            f"block_size {cfg.block_size} does not fit the model: its max_seq_len is {model_cfg.max_seq_len} "
+            f"(at most {model_cfg.max_seq_len - 1})"
+        )
+    out = Path(cfg.out) if cfg.out else None
+    lead = int(os.environ.get("RANK", "0")) == 0
+    lock = OutputLock(out) if out is not None and lead else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if resume is not None:
+            tok = load_tokenizer(run_dir)
+            lm_data = prepare_lm_data(job["data"], tok, job["val_fraction"], job.get("text_column"))
+            model = ESHModel(model_cfg)
+        else:
+            lm_data = prepare_lm_data(data, tokenizer, 0.1, text_column)
+            tok = lm_data.tokenizer
+            torch.manual_seed(cfg.seed)
+            model = ESHModel(model_config(config, tok.vocab_size, cfg.block_size))
+            job = {"config": config, "data": str(data), "tokenizer": tokenizer, "val_fraction": 0.1}
+            if text_column:
+                job["text_column"] = text_column
+        cfg.eval_bytes_per_token = lm_data.val_bytes_per_token
+        cfg.eval_chars_per_token = lm_data.val_chars_per_token
+        train_loader, val_loader = _loaders(lm_data, cfg, workers)
+        trainer = LMTrainer(model, train_loader, cfg, val_loader)
+        if out is not None and trainer.lead:
+            out.mkdir(parents=True, exist_ok=True)
+            tok.save(out)
+            write_text(out / JOB_FILE, json.dumps({**job, "training": asdict(cfg)}, indent=2))
+        if resume is not None:
+            trainer.load_checkpoint(Path(resume))
+        result = trainer.train()  # saves the model at its last step
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.world > 1:
         close_distributed()
     sample = ""

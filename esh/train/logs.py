@@ -10,11 +10,31 @@ step.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
 
-from esh.errors import InputError
+from esh._io import atomic_write
+from esh.errors import EshError, InputError, require
+
+LOG_KINDS = ("csv", "tensorboard", "wandb")
+
+
+class DivergedError(EshError, ArithmeticError):
+    """The training loss became NaN or infinite; nothing after that step is saved."""
+
+
+def check_finite(rows: list[dict], key: str = "loss") -> None:
+    """Stop at the first row whose ``key`` is not a finite number (read from the device already)."""
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            where = f" at step {row['step']}" if "step" in row else ""
+            raise DivergedError(
+                f"training diverged: the {key} is {value}{where}; no checkpoint was written after it "
+                "(lower the learning rate, or clip gradients)"
+            )
 
 
 def read_floats(rows: list[dict]) -> list[dict]:
@@ -44,13 +64,11 @@ class StepLog:
                 reader = csv.DictReader(f)
                 self.keys = list(reader.fieldnames or []) or None
                 rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= done_steps]
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_write(path, newline="") as f:
                 if self.keys:
                     w = csv.DictWriter(f, fieldnames=self.keys)
                     w.writeheader()
                     w.writerows(rows)
-            tmp.replace(path)
         self.file = open(path, "a", newline="")  # noqa: SIM115  (kept open for the run, closed by close())
 
     def write(self, row: dict) -> None:
@@ -73,19 +91,15 @@ class MetricsLog:
         self.kind, self.key = kind, key
         self.tb = self.wandb = None
         if kind == "tensorboard":
-            from esh._compat import require
-
             require("tensorboard", "tensorboard", "--log tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         elif kind == "wandb":
-            from esh._compat import require
-
             self.wandb = require("wandb", "wandb", "--log wandb")
             self.wandb.init(project="esh", dir=str(out))
-        elif kind != "csv":
-            raise InputError(f"--log must be csv, tensorboard or wandb; got {kind!r}")
+        elif kind not in LOG_KINDS:
+            raise InputError(f"--log must be one of {', '.join(LOG_KINDS)}; got {kind!r}")
 
     def write(self, row: dict) -> None:
         rows = []
@@ -94,12 +108,10 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(f) if int(r[self.key]) != row[self.key]]
         rows.append(row)
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-        tmp.replace(self.path)
         if self.tb is not None:
             for k, v in row.items():
                 if k != self.key:

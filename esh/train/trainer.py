@@ -1,88 +1,135 @@
-"""One trainer for every esh vision model and any timm model.
+"""The vision trainer: every esh vision model and any timm model, on the shared training core.
 
 Built from timm's pieces (optimizers, cosine schedule with warm-up stepped per update,
-label-smoothing and mixup losses, model EMA, transforms). A model may contribute its own
-loss terms: if it has ``auxiliary_losses(step)``, the trainer calls it after each forward with
-the number of optimizer steps done so far; every returned entry whose name starts with ``loss``
-is added to the objective, the others are only logged, per step, in ``steps.csv`` and the
-progress bar (the ESH models use this for the ponder cost schedule and routing statistics).
-A model whose class sets ``default_grad_checkpointing = True`` is trained with block-level
-gradient checkpointing unless ``grad_checkpointing=False`` is given.
+label-smoothing and mixup losses, model EMA, transforms) and esh.train's (distributed set-up,
+the optimisation step, checkpoints, logs, the output-directory lock). A model may contribute
+its own loss terms through ``auxiliary_losses(step)`` (see ``esh.train.step.auxiliary_loss``:
+entries named ``loss*`` join the objective, all are logged per step in ``steps.csv``). A model
+whose class sets ``default_grad_checkpointing = True`` is trained with block-level gradient
+checkpointing unless ``grad_checkpointing=False`` is given.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from esh._compat import import_timm, require
+from esh._io import atomic_path, clean_stale_temps, write_text
 from esh.data.datasets import build_datasets, collate_check
 from esh.errors import InputError
 from esh.models import create_model
 from esh.models._checkpoint import CheckpointError
-from esh.train.checkpoint import atomic_save, load_training_checkpoint, rng_state, set_rng_state
+from esh.train.checkpoint import load_training_checkpoint, rng_state, save_torch, seed_everything, set_rng_state
 from esh.train.distributed import close_distributed, init_distributed, wrap_ddp
-from esh.train.logs import MetricsLog, StepLog, read_floats
-from esh.train.precision import amp_dtype_for, autocast, enable_tf32, grad_scaler
+from esh.train.lock import OutputLock
+from esh.train.logs import LOG_KINDS, MetricsLog, StepLog, check_finite, read_floats
+from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
+from esh.train.settings import canonical, check_float, check_int, config_from_dict, setting, with_aliases
+from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
 
 DEFAULT_MODEL = "mambavision_nano"
+MIN_IMG_SIZE, MAX_IMG_SIZE = 8, 4096
+# what an exact resume cannot change: the run would no longer be the one that was saved
+RESUME_FIXED = ("model", "data", "batch_size", "grad_accum", "seed", "img_size", "num_classes", "model_kwargs")
 
 
+@with_aliases
 @dataclass
-class TrainConfig:
-    model: str = DEFAULT_MODEL
-    data: str = "digits"
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-5
-    img_size: int | None = None
-    num_classes: int | None = None
-    checkpoint: str | None = None  # initial weights
-    amp: bool = False
-    amp_dtype: str | None = None  # bfloat16 or float16; None: bfloat16 on CPU and GPUs that have it
-    grad_accum: int = 1
-    clip_grad: float | None = 5.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.999
-    grad_checkpointing: bool | None = None  # None: the model's default_grad_checkpointing (else off)
-    model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. ponder_warmup_steps
-    channels_last: bool = False
-    compile: bool = False
-    randaug: str | None = None  # e.g. "rand-m9-mstd0.5"
-    hflip: float = 0.0
-    color_jitter: float = 0.0
-    re_prob: float = 0.0
-    augment: bool = True  # False: train on the evaluation transform (deterministic inputs)
-    seed: int = 0
-    workers: int = 0
-    device: str = "cpu"
-    out: str = "runs/train"
-    log: str = "csv"
-    log_interval: int = 10  # read losses from the device, write steps.csv, refresh the bar every N steps
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
-    save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+class VisionTrainConfig:
+    """The settings of ``VisionTrainer`` (and the options of ``esh train``)."""
+
+    WHAT: ClassVar[str] = "vision training"
+    ALIASES: ClassVar[dict[str, str]] = {}
+
+    model: str = setting(DEFAULT_MODEL, "model name: esh's (esh models) or timm's")
+    data: str = setting("digits", "'digits' (embedded MNIST-5k), DIR with train/ and val/, FILE.npz, or hf:NAME")
+    epochs: int = setting(8, "epochs")
+    batch_size: int = setting(64, "global batch size (all processes together)")
+    lr: float = setting(3e-3, "peak learning rate")
+    weight_decay: float = setting(0.05, "AdamW-style weight decay (never on biases, norms, Mamba's A_log and D)")
+    optimizer: str = setting("adamw", "timm optimizer: adamw, lamb, sgd, adamw8bit, ...")
+    warmup_epochs: float = setting(1.0, "linear warm-up epochs before the cosine decay")
+    min_lr: float = setting(1e-5, "end of the cosine decay")
+    img_size: int | None = setting(None, "input size (default: the model's)")
+    num_classes: int | None = setting(None, "classifier outputs (default: the number of classes in the data)")
+    checkpoint: str | None = setting(None, "initial weights")
+    amp: bool = setting(False, "mixed-precision training", cli=False)
+    amp_dtype: str | None = setting(None, "bfloat16 or float16 (default: bfloat16 where the device has it)", cli=False)
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    clip_grad: float | None = setting(5.0, "gradient-norm clipping (0: off)")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
+    mixup: float = setting(0.0, "mixup alpha (0: off)")
+    cutmix: float = setting(0.0, "cutmix alpha (0: off)")
+    ema: bool = setting(False, "keep an EMA of the weights and validate it too")
+    ema_decay: float = setting(0.999, "decay of the weights' EMA")
+    grad_checkpointing: bool | None = setting(
+        None, "recompute blocks in the backward to save memory (default: the model's choice)"
+    )
+    model_kwargs: dict = setting(help="extra model-builder arguments", factory=dict, cli=False)
+    channels_last: bool = setting(False, "channels-last memory format")
+    compile: bool = setting(False, "torch.compile the model")
+    randaug: str | None = setting(None, "timm augmentation policy, e.g. rand-m9-mstd0.5")
+    hflip: float = setting(0.0, "horizontal-flip probability (digits are not symmetric)")
+    color_jitter: float = setting(0.0, "colour jitter strength")
+    re_prob: float = setting(0.0, "random-erasing probability")
+    augment: bool = setting(True, "random augmentation (off: train on the evaluation transform)")
+    seed: int = setting(0, "seed for everything")
+    workers: int = setting(0, "data-loading processes")
+    device: str = setting("cpu", "cpu, cuda, cuda:N, mps or auto")
+    out: str = setting("runs/train", "output directory")
+    log: str = setting("csv", "csv (always written), tensorboard or wandb")
+    log_interval: int = setting(10, "write steps.csv and refresh the progress bar every N optimizer steps")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps")
+    save_every: int = setting(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
+    progress: bool = setting(True, "progress bar and per-epoch lines", cli=False)
+    extra: dict = setting(help="free-form notes kept in the checkpoint", factory=dict, cli=False)
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("min_lr", self.min_lr, 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("warmup_epochs", self.warmup_epochs, 0.0)
+        check_int("img_size", self.img_size, MIN_IMG_SIZE, optional=True)
+        if self.img_size is not None and self.img_size > MAX_IMG_SIZE:
+            raise InputError(f"img_size must be at most {MAX_IMG_SIZE} pixels; got {self.img_size}")
+        check_int("num_classes", self.num_classes, 1, optional=True)
+        check_float("clip_grad", self.clip_grad, 0.0, optional=True)
+        check_float("label_smoothing", self.label_smoothing, 0.0, 1.0)
+        if self.label_smoothing >= 1.0:
+            raise InputError(f"label_smoothing must be below 1 (1 leaves no label); got {self.label_smoothing}")
+        check_float("mixup", self.mixup, 0.0)
+        check_float("cutmix", self.cutmix, 0.0)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0)
+        for name in ("hflip", "re_prob"):
+            check_float(name, getattr(self, name), 0.0, 1.0)
+        check_float("color_jitter", self.color_jitter, 0.0)
+        check_int("workers", self.workers, 0)
+        check_int("log_interval", self.log_interval, 1)
+        check_int("max_steps", self.max_steps, 1, optional=True)
+        check_int("save_every", self.save_every, 0)
+        check_int("seed", self.seed, 0)
+        if self.log not in LOG_KINDS:
+            raise InputError(f"log must be one of {', '.join(LOG_KINDS)}; got {self.log!r}")
+        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
+            raise InputError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}; got {self.amp_dtype!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise InputError(f"model_kwargs must be a dict; got {type(self.model_kwargs).__name__}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict) -> VisionTrainConfig:
+        """From a saved config; unknown keys are an error naming the close matches."""
+        return config_from_dict(cls, d)
 
 
 class EpochSampler(Sampler[int]):
@@ -109,8 +156,9 @@ class EpochSampler(Sampler[int]):
         return (self.n // self.global_batch - self.skip) * (self.global_batch // self.world)
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """An esh model by name, or any timm model."""
+def _build_model(cfg: VisionTrainConfig, num_classes: int) -> nn.Module:
+    """An esh model by name (an argument it does not take is an InputError naming the close
+    ones), or any timm model."""
     from esh.models import is_model
 
     if is_model(cfg.model):
@@ -119,42 +167,50 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if not timm.is_model(cfg.model):
         raise InputError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
     kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "", **cfg.model_kwargs)
-    if cfg.img_size:
-        try:  # models with position embeddings are built for the size; the others take no img_size
-            return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
-        except TypeError:
-            pass
-    return timm.create_model(cfg.model, **kwargs)
+    try:
+        if cfg.img_size:
+            try:  # models with position embeddings are built for the size; the others take no img_size
+                return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
+            except TypeError:
+                pass
+        return timm.create_model(cfg.model, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise InputError(f"timm's {cfg.model} does not take a model argument you gave ({e})") from None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _transforms(model: nn.Module, cfg: TrainConfig):
+def _transforms(model: nn.Module, cfg: VisionTrainConfig):
     timm = import_timm()
     data_cfg = timm.data.resolve_data_config(model=model)
     size = cfg.img_size or data_cfg["input_size"][-1]
     common = dict(
         input_size=(3, size, size), interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"]
     )
-    train = timm.data.create_transform(
-        **common,
-        is_training=True,
-        scale=(0.8, 1.0),
-        hflip=cfg.hflip,
-        auto_augment=cfg.randaug,
-        color_jitter=cfg.color_jitter,
-        re_prob=cfg.re_prob,
-    )
+    try:
+        train = timm.data.create_transform(
+            **common,
+            is_training=True,
+            scale=(0.8, 1.0),
+            hflip=cfg.hflip,
+            auto_augment=cfg.randaug,
+            color_jitter=cfg.color_jitter,
+            re_prob=cfg.re_prob,
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise InputError(
+            f"randaug {cfg.randaug!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5, augmix-m5, "
+            f"original): {e}"
+        ) from None
     val = timm.data.create_transform(**common, is_training=False, crop_pct=1.0)
     return (train if cfg.augment else val), val
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig):
+class VisionTrainer:
+    """Train a vision classifier: ``VisionTrainer(cfg).fit()``; ``resume(path)`` first continues
+    a saved run exactly."""
+
+    def __init__(self, cfg: VisionTrainConfig):
         self.cfg = cfg
         setup = init_distributed(cfg.device)  # under torchrun: cuda:LOCAL_RANK, the process group
         self.device, self.rank, self.world = setup.device, setup.rank, setup.world
@@ -177,6 +233,11 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise InputError(
                 f"--batch-size {cfg.batch_size} (the global batch) must divide by the {self.world} processes"
+            )
+        if len(self.train_set) < cfg.batch_size * cfg.grad_accum:
+            raise InputError(
+                f"the training split has {len(self.train_set)} images, fewer than one optimizer step takes "
+                f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})"
             )
         self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
         # the loader draws worker seeds from its own generator, not the global RNG that the
@@ -204,7 +265,15 @@ class Trainer:
         if opt_name in ("adamw8bit", "adam8bit"):  # bitsandbytes, an optional extra
             require("bitsandbytes", "bnb", f"--optimizer {opt_name}")
             opt_name = "bnb" + opt_name
-        self.optimizer = timm.optim.create_optimizer_v2(self.model, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = param_groups(self.model, cfg.weight_decay)
+        for group in groups:
+            group.pop("param_names")  # not every timm optimizer keeps extra keys
+        try:
+            self.optimizer = timm.optim.create_optimizer_v2(groups, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except (AssertionError, ValueError) as e:
+            if opt_name.lower() in timm.optim.list_optimizers():
+                raise
+            raise InputError(f"unknown optimizer {cfg.optimizer!r}: see timm.optim.list_optimizers()") from e
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
             self.optimizer,
             sched="cosine",
@@ -236,8 +305,12 @@ class Trainer:
             self.forward_model = wrap_ddp(self.model, self.device)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
+        self.stepper = OptimizerStep(
+            self.model, self.forward_model, self.optimizer, self.scaler, cfg.grad_accum, cfg.clip_grad
+        )
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.history = -1.0, []
+        self.means = _RunningMeans()  # the current epoch's training loss and accuracy so far
         self.step_log: StepLog | None = None
 
     # --- checkpoints --------------------------------------------------------------------
@@ -253,6 +326,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
+            "epoch_sums": self.means.sums(),
             "best_acc": self.best_acc,
             "history": self.history,
             "num_classes": self.num_classes,
@@ -262,7 +336,7 @@ class Trainer:
 
     def save(self, name: str = "last.pth") -> Path:
         path = self.out / name
-        atomic_save(self.state(), path)
+        save_torch(self.state(), path)
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -274,30 +348,28 @@ class Trainer:
             raise CheckpointError(f"{path} was written for {ckpt.get('arch')}, not {self.cfg.model}")
         try:
             self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt.get("ema") is not None:
+                self.ema.module.load_state_dict(ckpt["ema"])
+            set_rng_state(ckpt["rng"], self.device)
+            self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+            self.global_step, self.best_acc = int(ckpt["global_step"]), float(ckpt["best_acc"])
+            self.history = list(ckpt["history"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(
                 f"{path} does not fit {self.cfg.model} with {self.num_classes} classes: {e}"
             ) from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.module.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"], self.device)
-        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        self.global_step, self.best_acc, self.history = ckpt["global_step"], ckpt["best_acc"], list(ckpt["history"])
+        self.means = _RunningMeans.from_sums(ckpt.get("epoch_sums") if self.step_in_epoch else None)
 
     # --- loops --------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The objective, and the model's statistics to log (left on the device: see logs.py)."""
         loss = self.criterion(logits.float(), targets)
-        logged = {}
-        aux_fn = getattr(self.model, "auxiliary_losses", None)
-        if callable(aux_fn):
-            for name, value in aux_fn(self.global_step).items():
-                if name.startswith("loss"):
-                    loss = loss + value
-                logged[name] = value.detach() if torch.is_tensor(value) else float(value)
+        aux, logged = auxiliary_loss(self.model, logits, self.global_step)
+        if aux is not None:
+            loss = loss + aux
         return loss, logged
 
     def train_epoch(self) -> dict[str, float]:
@@ -306,7 +378,9 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.sampler.epoch, self.sampler.skip = self.epoch, self.step_in_epoch * cfg.grad_accum
-        means = _RunningMeans()
+        if self.step_in_epoch == 0:
+            self.means = _RunningMeans()
+        means = self.means
         start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -327,20 +401,16 @@ class Trainer:
             hard_targets = targets
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            with self.autocast():
-                logits = self.forward_model(images)
-            loss, logged = self._loss(logits, targets)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
             micro += 1
+            with self.stepper.micro_batch(last=micro % cfg.grad_accum == 0):
+                with self.autocast():
+                    logits = self.forward_model(images)
+                loss, logged = self._loss(logits, targets)
+                self.stepper.backward(loss)
             means.add(loss.detach(), (logits.argmax(-1) == hard_targets).sum(), len(images))
             if micro % cfg.grad_accum:
                 continue
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.stepper.update()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.global_step)
             self.global_step += 1
@@ -350,7 +420,7 @@ class Trainer:
             steps.append({"step": self.global_step, "loss": loss.detach(), "lr": lr, **logged})
             bar.update(1)
             saving = cfg.save_every and self.global_step % cfg.save_every == 0 and self.rank == 0
-            if saving or self.global_step % max(cfg.log_interval, 1) == 0:  # a checkpoint's steps are logged
+            if saving or self.global_step % cfg.log_interval == 0:  # a checkpoint's steps are logged
                 self._log_steps(steps, means, bar, start)
             if saving:
                 self.save()
@@ -363,14 +433,15 @@ class Trainer:
             "train_loss": means.loss_sum / max(means.total, 1),
             "train_acc": 100 * means.correct / max(means.total, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": means.total / max(seconds, 1e-9),
+            "images_per_s": means.seen / max(seconds, 1e-9),
         }
 
     def _log_steps(self, steps: list[dict], means: _RunningMeans, bar, start: float) -> None:
-        """Read the steps' values from the device (one wait), write them to steps.csv and show
-        the epoch's running means."""
+        """Read the steps' values from the device (one wait), stop if the loss is not finite,
+        write them to steps.csv and show the epoch's running means."""
         rows = means.read(steps)
         steps.clear()
+        check_finite(rows)
         if not rows:
             return
         if self.step_log is not None:
@@ -381,7 +452,7 @@ class Trainer:
             loss=f"{means.loss_sum / means.total:.3f}",
             acc=f"{100 * means.correct / means.total:.1f}",
             lr=f"{rows[-1]['lr']:.2e}",
-            img_s=f"{means.total / (time.perf_counter() - start):.0f}",
+            img_s=f"{means.seen / (time.perf_counter() - start):.0f}",
             **{k: f"{v:.3g}" for k, v in logged.items()},
         )
 
@@ -406,27 +477,37 @@ class Trainer:
         return {"val_loss": loss_sum / max(total, 1), "val_acc": 100 * correct / max(total, 1)}
 
     def fit(self) -> dict:
+        """Train to ``epochs`` (or ``max_steps``); the first process holds the output directory's
+        lock, validates, logs and checkpoints."""
         cfg = self.cfg
-        lead = self.rank == 0  # the first process validates, logs and checkpoints
-        if lead:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        writer = MetricsLog(self.out, cfg.log) if lead else None
-        self.step_log = StepLog(self.out / "steps.csv", self.global_step) if lead else None
-        while self.epoch < cfg.epochs:
-            row = {"epoch": self.epoch + 1, **self.train_epoch()}
-            hit_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
-            if not (hit_max and self.step_in_epoch < self.steps_per_epoch):  # the epoch is complete
-                self.epoch += 1
-                self.step_in_epoch = 0
-                self.scheduler.step(self.epoch)
+        lead = self.rank == 0
+        lock = OutputLock(self.out) if lead else None
+        writer = None
+        try:
             if lead:
-                self._end_of_epoch(row, writer)
-            if hit_max:
-                break
-        if writer is not None:
-            writer.close()
-            self.step_log.close()
+                lock.acquire()
+                clean_stale_temps(self.out)
+                write_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2))
+                writer = MetricsLog(self.out, cfg.log)
+                self.step_log = StepLog(self.out / "steps.csv", self.global_step)
+            while self.epoch < cfg.epochs:
+                row = {"epoch": self.epoch + 1, **self.train_epoch()}
+                hit_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
+                if not (hit_max and self.step_in_epoch < self.steps_per_epoch):  # the epoch is complete
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self.scheduler.step(self.epoch)
+                if lead:
+                    self._end_of_epoch(row, writer)
+                if hit_max:
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+            if self.step_log is not None:
+                self.step_log.close()
+            if lock is not None:
+                lock.release()
         final = self.history[-1]["val_acc"] if self.history else float("nan")
         return {
             "best_val_acc": self.best_acc,
@@ -439,7 +520,8 @@ class Trainer:
         row.update(self.validate())
         if self.ema is not None:
             row["val_acc_ema"] = self.validate(self.ema.module)["val_acc"]
-        self.history.append(row)
+        # an epoch cut short by max_steps and finished after a resume keeps one row: the last
+        self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         writer.write(row)
         if row["val_acc"] > self.best_acc:
             self.best_acc = row["val_acc"]
@@ -455,11 +537,24 @@ class Trainer:
 
 class _RunningMeans:
     """The epoch's training loss and accuracy so far, from per-batch device values that are read
-    together with the step-log rows (see ``read_floats``)."""
+    together with the step-log rows (see ``read_floats``). Its sums go into checkpoints, so an
+    epoch resumed in the middle reports the same means as an uninterrupted one."""
 
     def __init__(self):
         self.loss_sum, self.correct, self.total = 0.0, 0, 0
+        self.seen = 0  # images since this process started the epoch (for images/s)
         self.pending: list[dict] = []
+
+    @classmethod
+    def from_sums(cls, sums: dict | None) -> _RunningMeans:
+        means = cls()
+        if isinstance(sums, dict):
+            means.loss_sum, means.correct = float(sums["loss_sum"]), int(sums["correct"])
+            means.total = int(sums["total"])
+        return means
+
+    def sums(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "total": self.total}
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
         self.pending.append({"loss": loss, "correct": correct, "n": n})
@@ -471,6 +566,7 @@ class _RunningMeans:
             self.loss_sum += row["loss"] * row["n"]
             self.correct += int(row["correct"])
             self.total += row["n"]
+            self.seen += row["n"]
         self.pending = []
         return rows[len(rows) - len(steps) :]
 
@@ -493,23 +589,37 @@ def _plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
-def train(cfg: TrainConfig | None = None, resume: str | None = None, **overrides) -> dict:
-    """Train and return the best and final validation accuracy and the checkpoint path."""
+def _resume_overrides(saved: VisionTrainConfig, overrides: dict) -> None:
+    """Refuse a change that would make a resumed run differ from the saved one."""
+    for name in RESUME_FIXED:
+        if name in overrides and overrides[name] != getattr(saved, name):
+            raise InputError(
+                f"--resume continues the saved run exactly: its {name} is {getattr(saved, name)!r}, not "
+                f"{overrides[name]!r} (start a new run with another --out to change it)"
+            )
+
+
+def train(cfg: VisionTrainConfig | None = None, resume: str | None = None, **overrides) -> dict:
+    """Train and return the best and final validation accuracy and the checkpoint path.
+    ``overrides`` are ``VisionTrainConfig`` fields (an unknown name is an error naming the close
+    ones); with ``resume`` (an output directory or its ``last.pth``) the saved settings are used,
+    and only those that keep the run exact may be overridden (``epochs``, ``max_steps``, ...)."""
+    overrides = canonical(VisionTrainConfig, overrides, VisionTrainConfig.WHAT)
     if resume is not None:
         ckpt_path = Path(resume) / "last.pth" if Path(resume).is_dir() else Path(resume)
         if cfg is None:
-            cfg = TrainConfig.from_dict(load_training_checkpoint(ckpt_path)["config"])
+            cfg = VisionTrainConfig.from_dict(load_training_checkpoint(ckpt_path)["config"])
             cfg.out = str(ckpt_path.parent)
-    cfg = cfg or TrainConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    trainer = Trainer(cfg)
+        _resume_overrides(cfg, overrides)
+    cfg = replace(cfg or VisionTrainConfig(), **overrides)
+    trainer = VisionTrainer(cfg)
     if resume is not None:
         trainer.resume(resume)
     result = trainer.fit()
