@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from esh._io import atomic_path
 from esh.errors import InputError
 
 from .chunked import LOG2E, is_seq_major
@@ -87,18 +87,11 @@ def _build(cc: str, flags: list[str]) -> Path:
     target = cache_dir() / f"scan_cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+    with atomic_path(target, mode=0o777) as tmp:  # another process never loads a half-written library
+        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(_SOURCE), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: another process never loads a half-written library
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return target
 
 
