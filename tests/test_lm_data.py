@@ -121,6 +121,40 @@ def test_tokenizers_save_and_load_from_a_directory(tmp_path, spec):
     assert again.encode(TEXT[:200]) == tok.encode(TEXT[:200])
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"kind": "char", "chars": 5}, "field 'chars' must be a string; got int"),
+        ({"kind": "char", "chars": ["a", "b"]}, "field 'chars' must be a string; got list"),
+        ({"kind": "char"}, "no 'chars' field"),
+        ({"kind": 3}, "field 'kind' must be a string; got int"),
+        ({"chars": "ab"}, "no 'kind' field"),
+        (["byte"], "holds a JSON list"),
+    ],
+)
+def test_a_tokenizer_file_with_a_wrong_field_is_a_one_line_error_naming_it(tmp_path, content, message):
+    import json
+
+    from esh.errors import InputError
+
+    (tmp_path / "esh_tokenizer.json").write_text(json.dumps(content))
+    with pytest.raises(InputError, match=message) as info:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_saved_tokenizer_files_take_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        build_tokenizer("char", TEXT).save(tmp_path / "tok")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "tok" / "esh_tokenizer.json").st_mode) == 0o644
+
+
 def test_user_tokenizer_json_is_accepted(tmp_path):
     pytest.importorskip("tokenizers")
     bpe = build_tokenizer("bpe:280", TEXT)

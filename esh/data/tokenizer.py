@@ -23,21 +23,13 @@ import numpy as np
 import torch
 
 from esh._compat import has_module, require
+from esh._io import write_text
 from esh.errors import InputError
 
 CONFIG_FILE = "esh_tokenizer.json"  # which kind, and the vocabulary of the small ones
 HF_FILE = "tokenizer.json"  # the Hugging Face `tokenizers` file (BPE and user tokenizers)
 DEFAULT_BPE_VOCAB = 4096
 EOS_TOKEN = "<|endoftext|>"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Tokenizer(ABC):
@@ -62,7 +54,7 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._save_files(directory)
-        _write_atomic(directory / CONFIG_FILE, json.dumps({"kind": self.kind, **self._config()}, indent=1))
+        write_text(directory / CONFIG_FILE, json.dumps({"kind": self.kind, **self._config()}, indent=1))
 
     def _config(self) -> dict:
         return {}
@@ -197,7 +189,7 @@ class HFTokenizer(Tokenizer):
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def _save_files(self, directory: Path) -> None:
-        _write_atomic(directory / HF_FILE, self.tokenizer.to_str())
+        write_text(directory / HF_FILE, self.tokenizer.to_str())
 
 
 class TransformersTokenizer(Tokenizer):
@@ -264,6 +256,16 @@ def build_tokenizer(spec: str, text: str = "") -> Tokenizer:
     return tokenizer_from_path(spec)
 
 
+def _field(config: dict, name: str, path: Path) -> str:
+    """The string ``config[name]``, or a one-line error naming the field."""
+    if name not in config:
+        raise InputError(f"{path} has no {name!r} field; expected a string there")
+    value = config[name]
+    if not isinstance(value, str):
+        raise InputError(f"{path}: field {name!r} must be a string; got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer that ``Tokenizer.save(directory)`` wrote."""
     directory = Path(directory)
@@ -272,13 +274,15 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         raise InputError(f"{directory} has no {CONFIG_FILE}: not a directory written by an esh tokenizer")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        kind = config["kind"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{config_path} is not a valid esh tokenizer file: {e}") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} holds a JSON {type(config).__name__}; expected an object with a 'kind' field")
+    kind = _field(config, "kind", config_path)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
-        return CharTokenizer(config["chars"])
+        return CharTokenizer(_field(config, "chars", config_path))
     if kind in ("bpe", "hf"):
         return HFTokenizer.from_file(directory / HF_FILE, kind=kind)
     if kind == "transformers":
