@@ -136,3 +136,27 @@ def test_gpt_generate_stops_at_eos_like_the_other_models():
     out = model.generate(prompt, 10, eos_token_id=eos)
     first = (greedy[0, 4:] == eos).nonzero()[0].item() + 4
     assert out.shape[1] == first + 1 and out[0, -1].item() == eos
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--temperature", "nan", "temperature"),
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+        ("--top-k", "0", "top_k"),
+        ("--max-new-tokens", "-2", "max_new_tokens"),
+    ],
+)
+def test_esh_lm_generate_reports_bad_sampling_arguments_in_one_line(tmp_path, capsys, flag, value, message):
+    from esh.cli import main
+    from esh.data.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    ESHModel(ESHConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, expert_hidden=16)).save_pretrained(tmp_path)
+    ByteTokenizer().save(tmp_path)
+    args = ["lm", "generate", "--checkpoint", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "3"]
+    assert main([*args, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(args) == 0  # the same checkpoint generates with valid arguments
