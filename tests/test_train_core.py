@@ -114,7 +114,7 @@ def _names(groups):
 def test_mamba_state_parameters_biases_and_norms_get_no_weight_decay():
     from esh.layers.mamba import Mamba
 
-    decay, no_decay = _names(param_groups(nn.Sequential(nn.LayerNorm(16), Mamba(16)), 0.1))
+    decay, no_decay = _names(param_groups(nn.Sequential(nn.LayerNorm(16), Mamba(16)), 0.1, names=True))
     assert {"1.A_log", "1.D", "1.dt_proj.bias", "1.conv1d.bias", "0.weight", "0.bias"} <= no_decay
     assert {"1.in_proj.weight", "1.x_proj.weight", "1.dt_proj.weight", "1.out_proj.weight"} <= decay
     assert not decay & no_decay
@@ -122,7 +122,7 @@ def test_mamba_state_parameters_biases_and_norms_get_no_weight_decay():
 
 def test_both_trainers_keep_mamba_state_out_of_weight_decay(tmp_path):
     model = esh.create_model("mambavision_nano", num_classes=4)
-    decay, no_decay = _names(param_groups(model, 0.1))
+    decay, no_decay = _names(param_groups(model, 0.1, names=True))
     a_logs = {n for n in decay | no_decay if n.endswith(".A_log")}
     assert a_logs and a_logs <= no_decay  # 2-D, and decayed before
     trainer = VisionTrainer(_vision_cfg(tmp_path, weight_decay=0.1))
@@ -131,7 +131,7 @@ def test_both_trainers_keep_mamba_state_out_of_weight_decay(tmp_path):
         assert by_param[id(p)] == (0.0 if name in no_decay else 0.1), name
 
     lm = esh.ESHModel(esh.model.esh_tiny(vocab_size=64, max_seq_len=32))
-    decay, no_decay = _names(param_groups(lm, 0.1))
+    decay, no_decay = _names(param_groups(lm, 0.1, names=True))
     assert any(n.endswith("A_log") for n in no_decay) and not any(n.endswith("A_log") for n in decay)
     assert any(n.endswith(".D") for n in no_decay)
 
@@ -340,3 +340,34 @@ def test_lm_train_saves_the_model_before_the_sample(tmp_path, monkeypatch):
         job.train_lm(data=str(text), tokenizer="char", out=str(out), progress=False, **job.SMOKE_TEST)
     assert load_training_checkpoint(out / "last.pth")["global_step"] == 4
     assert (out / "model.safetensors").is_file() and not (out / LOCK_FILE).exists()
+
+
+def test_an_lm_run_resumed_mid_way_writes_the_same_metrics(tmp_path):
+    from esh.data.text import ContiguousBlockDataset, RandomBlockDataset
+    from esh.models.gpt import GPT, GPTConfig
+
+    tokens = torch.randint(0, 64, (600,), generator=torch.Generator().manual_seed(0))
+
+    def run(out, until=None, resume=False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+        train_loader = torch.utils.data.DataLoader(
+            RandomBlockDataset(tokens[:500], 8, num_samples=32, seed=1),
+            batch_size=4,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(2),
+        )
+        val = torch.utils.data.DataLoader(ContiguousBlockDataset(tokens[500:], 8), batch_size=4)
+        cfg = LMTrainConfig(max_steps=12, eval_interval=4, eval_iters=2, out=str(out), progress=False, device="cpu")
+        trainer = LMTrainer(model, train_loader, cfg, val)
+        if resume:
+            trainer.load_checkpoint(out)
+        trainer.train(until=until)
+
+    run(tmp_path / "whole")
+    run(tmp_path / "cut", until=6)
+    run(tmp_path / "cut", resume=True)
+    a = _metrics(tmp_path / "whole" / "metrics.csv", "elapsed_s")
+    b = _metrics(tmp_path / "cut" / "metrics.csv", "elapsed_s")
+    assert [r["step"] for r in a] == ["4", "8", "12"] and [r["step"] for r in b] == ["4", "6", "8", "12"]
+    assert a == [r for r in b if r["step"] != "6"]  # the cut run also evaluated where it stopped

@@ -23,10 +23,11 @@ def no_weight_decay(name: str, p: nn.Parameter, skip_names: set[str]) -> bool:
     return p.dim() < 2 or getattr(p, "_no_weight_decay", False) or leaf in SSM_NO_DECAY_NAMES or name in skip_names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, names: bool = False) -> list[dict]:
     """Two optimizer groups: ``weight_decay`` on the weight matrices and embeddings, none on the
-    rest (see :func:`no_weight_decay`). Frozen parameters are left out. Each group lists its
-    parameter names under ``param_names``."""
+    rest (see :func:`no_weight_decay`). Frozen parameters are left out. With ``names``, each
+    group also lists its parameter names under ``param_names`` (for inspection: optimizers
+    are given the groups without them, so their state dicts stay as they were)."""
     skip = getattr(model, "no_weight_decay", None)
     skip_names = set(skip()) if callable(skip) else set()
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
@@ -39,10 +40,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
             decay_names.append(name)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "param_names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "param_names": no_decay_names},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if names:
+        groups[0]["param_names"], groups[1]["param_names"] = decay_names, no_decay_names
+    return groups
 
 
 def auxiliary_loss(model: nn.Module, output: object, step: int) -> tuple[Tensor | None, dict]:

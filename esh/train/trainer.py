@@ -266,8 +266,6 @@ class VisionTrainer:
             require("bitsandbytes", "bnb", f"--optimizer {opt_name}")
             opt_name = "bnb" + opt_name
         groups = param_groups(self.model, cfg.weight_decay)
-        for group in groups:
-            group.pop("param_names")  # not every timm optimizer keeps extra keys
         try:
             self.optimizer = timm.optim.create_optimizer_v2(groups, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay)
         except (AssertionError, ValueError) as e:
