@@ -171,7 +171,7 @@ def test_scan_keeps_readable_images_and_counts_the_rest(tmp_path):
     assert scan.classes == ["a", "b"]
     assert [(os.path.basename(p), c) for p, c in scan.samples] == [("x.png", 0), ("y.jpg", 1)]
     assert sorted(os.path.basename(p) for p, _ in scan.skipped) == ["cut.png", "empty.jpg"]
-    assert "skipped 2 unreadable image(s) of 4" in scan.note()
+    assert "skipping unreadable image files: 2 of 4 left out" in scan.note()
 
 
 def test_scan_refuses_a_folder_without_readable_images(tmp_path):

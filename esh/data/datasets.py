@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from esh.errors import InputError
+from esh.data.images import array_to_uint8, load_image, scan_image_folder, to_8bit
+from esh.errors import InputError, require
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_FILE = ASSETS / "mnist_5k.npz"
@@ -38,7 +40,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 
 
 
 class ArrayDataset(Dataset):
-    """uint8 images (N, H, W) or (N, H, W, C) with integer labels, as PIL images to a transform."""
+    """uint8 images (N, H, W) or (N, H, W, C) with integer labels, as PIL RGB images to a transform."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
         if len(images) != len(labels):
@@ -53,53 +55,74 @@ class ArrayDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+NPZ_LAYOUT = "a .npz file with 'images' (N, H, W) or (N, H, W, C) with C = 1, 3 or 4, and integer 'labels' (N,)"
+
+
+def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 images, class indices 0..K-1, K class names) from a ``.npz`` data file.
+
+    Counts, shapes, dtypes and values are checked: as many labels as images, channels last
+    (1, 3 or 4), whole-number labels >= 0, finite pixels. Float pixels in [0, 1] are scaled to
+    0..255 and 16-bit pixels divided by 257 (see :func:`esh.data.images.array_to_uint8`), over the
+    whole array so every image keeps the same scale. The labels found become the classes in
+    sorted order (labels 3 and 7 are classes "3" and "7", indices 0 and 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
     try:
         with np.load(path) as f:
+            missing = [k for k in ("images", "labels") if k not in f.files]
+            if missing:
+                raise InputError(f"{path}: expected {NPZ_LAYOUT}; it has no {' or '.join(missing)} (arrays: {f.files})")
             images, labels = f["images"], f["labels"]
-    except (OSError, ValueError, KeyError) as e:
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
         raise InputError(
-            f"{path}: expected a .npz file with 'images' (N, H, W[, C]) uint8 and 'labels' (N,): {e}"
-        ) from e
+            f"{path}: expected {NPZ_LAYOUT}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if images.ndim not in (3, 4) or labels.ndim != 1:
-        raise InputError(f"{path}: images must be (N, H, W[, C]) and labels (N,); got {images.shape}, {labels.shape}")
-    return images.astype(np.uint8), labels
+        raise InputError(f"{path}: expected {NPZ_LAYOUT}; got images {images.shape} and labels {labels.shape}")
+    if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        hint = " (channels first? store them channels last)" if images.shape[1] in (1, 3, 4) else ""
+        raise InputError(f"{path}: images must have 1, 3 or 4 channels last; got shape {images.shape}{hint}")
+    if len(images) != len(labels):
+        raise InputError(f"{path}: {len(images)} images but {len(labels)} labels; every image needs one label")
+    if len(images) == 0:
+        raise InputError(f"{path}: no images")
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"{path}: labels must be whole numbers (class indices); got dtype {labels.dtype}")
+    if labels.min() < 0:
+        raise InputError(f"{path}: labels must be >= 0; found {int(labels.min())}")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    images = array_to_uint8(images, str(path))
+    values, indices = np.unique(labels, return_inverse=True)
+    return images, indices.astype(np.int64), [str(v) for v in values]
 
 
-class SafeImageFolder(Dataset):
-    """torchvision's ImageFolder that skips unreadable images with a warning (and counts them)
-    instead of crashing deep inside a long epoch."""
+class ImageFolderDataset(Dataset):
+    """A class-folder tree (``root/<class>/<image>``) of the images that decode: unreadable
+    files are found once, up front (:func:`esh.data.images.scan_image_folder`), left out of the
+    index and reported in one warning; ``skipped`` lists them with their reasons."""
 
-    def __init__(self, root: Path, transform: Callable | None = None):
-        from esh._compat import import_torchvision
-
-        tv = import_torchvision()
-        try:
-            self.folder = tv.datasets.ImageFolder(str(root))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise InputError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+        scan = scan_image_folder(root)
+        self.root, self.classes, self.samples, self.skipped = scan.root, scan.classes, scan.samples, scan.skipped
+        self.targets = [label for _, label in self.samples]
         self.transform = transform
-        self.classes = self.folder.classes
-        self.skipped: set[str] = set()
+        if scan.skipped:
+            warnings.warn(scan.note(), stacklevel=2)
 
     def __len__(self) -> int:
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def __getitem__(self, i: int):
-        for k in range(len(self)):
-            path, label = self.folder.samples[(i + k) % len(self)]
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-            except OSError as e:
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    warnings.warn(
-                        f"skipping unreadable image {path} ({e}); {len(self.skipped)} skipped so far", stacklevel=2
-                    )
-                continue
-            return (self.transform(img) if self.transform else img), label
-        raise InputError(f"no readable image in {self.folder.root}")
+        path, label = self.samples[i]
+        img = load_image(path)  # readable at the scan: an error now (file changed) names it
+        return (self.transform(img) if self.transform else img), label
 
 
 class HFDataset(Dataset):
@@ -112,16 +135,13 @@ class HFDataset(Dataset):
     def __getitem__(self, i: int):
         row = self.data[int(i)]
         img = row[self.image_key]
-        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        img = to_8bit(img) if isinstance(img, Image.Image) else Image.fromarray(array_to_uint8(np.asarray(img)))
         img = img.convert("RGB")
         return (self.transform(img) if self.transform else img), int(row[self.label_key])
 
 
 def _hf(name: str, seed: int):
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("--data hf:NAME needs the 'datasets' package: pip install datasets") from e
+    datasets = require("datasets", "data", "--data hf:NAME")
     if Path(name).is_dir():  # a dataset saved with save_to_disk
         ds = datasets.load_from_disk(name)
         ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
@@ -149,24 +169,21 @@ def build_datasets(spec: str | os.PathLike = "digits", seed: int = 0) -> tuple[D
     """(train, val, class names), without transforms (set ``.transform`` on each)."""
     spec = str(spec)
     if spec == "digits":
-        images, labels = _load_npz(DIGITS_FILE)
+        images, labels, names = load_npz(DIGITS_FILE)
         tr, va = stratified_split(labels, 0.2, seed=0)  # fixed: 4,000 / 1,000, 400 / 100 per class
-        return ArrayDataset(images[tr], labels[tr]), ArrayDataset(images[va], labels[va]), [str(i) for i in range(10)]
+        return ArrayDataset(images[tr], labels[tr]), ArrayDataset(images[va], labels[va]), names
     if spec.startswith("hf:"):
         return _hf(spec[3:], seed)
     path = Path(spec)
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise InputError(f"data file {path} does not exist")
-        images, labels = _load_npz(path)
+        images, labels, names = load_npz(path)
         tr, va = stratified_split(labels, 0.2, seed=seed)
-        names = [str(c) for c in np.unique(labels)]
         return ArrayDataset(images[tr], labels[tr]), ArrayDataset(images[va], labels[va]), names
     if not path.is_dir():
         raise InputError(f"--data {spec}: not 'digits', 'hf:NAME', a .npz file or a directory")
     if not (path / "train").is_dir() or not (path / "val").is_dir():
         raise InputError(f"data directory {path} needs train/ and val/ sub-folders of class folders")
-    train, val = SafeImageFolder(path / "train"), SafeImageFolder(path / "val")
+    train, val = ImageFolderDataset(path / "train"), ImageFolderDataset(path / "val")
     if train.classes != val.classes:
         raise InputError(f"{path}: train/ and val/ have different class folders")
     return train, val, train.classes

@@ -167,11 +167,8 @@ class ImageFolderScan:
         """One line on what was skipped ("" when nothing was)."""
         if not self.skipped:
             return ""
-        first, reason = self.skipped[0]
-        return (
-            f"{self.root}: skipped {len(self.skipped)} unreadable image(s) of {len(self.samples) + len(self.skipped)} "
-            f"(first: {reason})"
-        )
+        total, reason = len(self.samples) + len(self.skipped), self.skipped[0][1]
+        return f"{self.root}: skipping unreadable image files: {len(self.skipped)} of {total} left out ({reason})"
 
 
 def _readable(path: str) -> str | None:
