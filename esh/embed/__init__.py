@@ -13,15 +13,82 @@ model and any timm model, each with the family's proper pooling and its own prep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from esh._compat import import_timm
+from esh.devices import resolve_device
+from esh.errors import InputError
 from esh.train.precision import autocast, enable_tf32
 
-__all__ = ["EmbeddingAdapter", "get_adapter"]
+__all__ = ["EmbeddingAdapter", "get_adapter", "load_backbone", "weights_digest"]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _feature_model(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """An esh model, else a timm model, built with ``num_classes=0`` (no classifier)."""
+    from esh.models import create_model, is_model
+
+    if is_model(name):
+        return create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    timm = import_timm()
+    if not timm.is_model(name):
+        raise InputError(f"unknown model {name!r}: neither an esh model (esh models) nor a timm model")
+    if "img_size" in kwargs:
+        try:  # models with position embeddings are built for the size; the others take no img_size
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except TypeError:
+            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def _recorded_build_args(raw: Mapping, name: str, path) -> dict:
+    """The builder arguments an ``esh train`` checkpoint records (``config.model_kwargs`` and
+    ``config.img_size``), after checking that it holds the model asked for (``arch``)."""
+    arch = raw.get("arch")
+    if isinstance(arch, str) and arch and arch != name:
+        raise InputError(f"{path} holds a {arch} trained by esh train, not a {name}")
+    config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
+    kwargs = dict(config["model_kwargs"]) if isinstance(config.get("model_kwargs"), Mapping) else {}
+    size = config.get("img_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        kwargs["img_size"] = size
+    kwargs.pop("num_classes", None)
+    return kwargs
+
+
+def load_backbone(model: nn.Module, checkpoint: str | os.PathLike | Mapping, name: str) -> None:
+    """Load a checkpoint's weights (a file, or the dict read from one) into ``model`` (built
+    with ``num_classes=0``), leaving out the checkpoint's classifier
+    (``pretrained_cfg["classifier"]``, e.g. ``head.weight`` and ``head.bias``); every other key
+    must fit. Released files go through the family's ``checkpoint_filter_fn``; files for timm
+    models are read with esh's safe loader."""
+    from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
+
+    raw = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    family = type(model).__module__
+    filter_fn = getattr(sys.modules.get(family), "checkpoint_filter_fn", None) if family.startswith("esh.") else None
+    state = filter_fn(raw, model) if filter_fn else strip_prefix(extract_state_dict(raw), "module.")
+    state = strip_prefix(state, "_orig_mod.")
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
+    load_into(model, state, name)
 
 
 class EmbeddingAdapter:
@@ -30,28 +97,52 @@ class EmbeddingAdapter:
     pooling = "forward_head(pre_logits=True)"
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device = "cpu", amp: bool = False, amp_dtype: str | None = None
+        self,
+        model: nn.Module,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        amp_dtype: str | None = None,
+        name: str | None = None,
     ):
         """``amp``: autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have
         it, else float16); embeddings come out in float32 either way."""
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.name = name or type(model).__name__
         self.amp, self.amp_dtype = amp, amp_dtype
         enable_tf32(self.device)
 
     @classmethod
     def load(
-        cls, name: str, checkpoint_path: str | None = None, pretrained: bool = False, **kwargs
+        cls, name: str, checkpoint_path: str | os.PathLike | None = None, pretrained: bool = False, **kwargs
     ) -> EmbeddingAdapter:
-        from esh.models import create_model, is_model
+        """The model ``name`` without its classifier. ``checkpoint_path``: a released checkpoint
+        or one from ``esh train`` (its recorded builder arguments and input size are used); the
+        checkpoint's classifier is ignored. Untrained weights are seeded (seed 0), so the same
+        name always gives the same model."""
+        from esh.models._checkpoint import read_checkpoint
 
-        if is_model(name):
-            model = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0)
-        else:
-            model = import_timm().create_model(
-                name, pretrained=pretrained, num_classes=0, checkpoint_path=checkpoint_path or ""
-            )
-        return cls(model, **kwargs)
+        raw = None if checkpoint_path is None else read_checkpoint(checkpoint_path)
+        build_kwargs = {} if raw is None else _recorded_build_args(raw, name, checkpoint_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _feature_model(name, pretrained and raw is None, build_kwargs)
+        if raw is not None:
+            load_backbone(model, raw, name)
+        return cls(model, name=name, **kwargs)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What determines this adapter's embeddings: the model, a digest of its weights, the
+        pooling, the preprocessing and the autocast dtype."""
+        return {
+            "adapter": type(self).__name__,
+            "model": self.name,
+            "weights": weights_digest(self.model),
+            "pooling": str(self.pooling),
+            "preprocessing": repr(self.preprocessor()),
+            "dtype": f"autocast {self.amp_dtype or 'default'}" if self.amp else "float32",
+            "device": self.device.type,
+        }
 
     def preprocessor(self) -> Callable:
         """The model's evaluation transform (PIL image -> tensor)."""
@@ -127,15 +218,18 @@ class TimmTokenAdapter(EmbeddingAdapter):
 
 def get_adapter(
     name: str,
-    checkpoint_path: str | None = None,
-    device: str = "cpu",
+    checkpoint_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
     amp: bool = False,
     pretrained: bool = False,
     amp_dtype: str | None = None,
 ) -> EmbeddingAdapter:
     """The adapter for a model name: esh's families by prefix, timm's models by their kind.
 
-    ``pretrained=True`` downloads the released weights (esh: the hub, network needed)."""
+    ``checkpoint_path``: released or ``esh train`` weights; the classifier in it is ignored.
+    ``pretrained=True`` downloads the released weights (esh: the hub, network needed); without
+    either, the weights are untrained and seeded."""
+    device = resolve_device(device)  # a bad --device is refused before the model is built
     if name.startswith("vim"):
         cls: type[EmbeddingAdapter] = VimAdapter
     elif name.startswith("mambavision"):
