@@ -73,10 +73,6 @@ __all__ = [
     "sample_next_token",
 ]
 
-# kept importable from here: the Mamba baseline (esh.models.mamba_lm) and the file names of a save
-CONFIG_NAME, WEIGHTS_NAME = _lm_checkpoint.CONFIG_NAME, _lm_checkpoint.WEIGHTS_NAME
-
-
 _POSITIVE_INTS = (
     "vocab_size",
     "d_model",
