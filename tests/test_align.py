@@ -203,3 +203,51 @@ def test_cli_align_cknna_with_clipping(pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"cknna: {cknna(A, B, k=5, clip_quantile=0.95):.6f}" in out
     assert f"mknn: {mknn(A, B, k=5, clip_quantile=0.95):.6f}" in out
+
+
+def _align(argv, capsys) -> tuple[int, str]:
+    from esh.cli import main
+
+    code = main(["align", *argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_align_bad_files_are_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.npy"
+    np.save(good, rng.normal(size=(12, 4)).astype(np.float32))
+    np.save(tmp_path / "words.npy", np.array([["a", "b"]] * 12))
+    np.savez(tmp_path / "e.npz", embedding=rng.normal(size=(12, 4)))
+    np.save(tmp_path / "cube.npy", np.zeros((12, 5, 4)))
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 junk")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 junk")
+    cases = [
+        ([str(tmp_path / "words.npy"), str(good)], "holds <U1 values; embeddings must be numbers"),
+        ([str(tmp_path / "e.npz"), str(good), "--column", "nope"], "has no array 'nope'; it has embedding"),
+        ([str(good), str(good), "--column", "x"], "--column picks an array"),
+        ([str(tmp_path / "cube.npy"), str(good)], "2-D (items, features)"),
+        ([str(tmp_path / "junk.npz"), str(good)], "not a readable .npz file"),
+        ([str(tmp_path / "junk.parquet"), str(good)], "not a readable .parquet file"),
+        ([str(tmp_path), str(good)], "not a regular file"),
+        ([str(good), str(good), "--heatmap", "h.png"], "add --layerwise"),
+        ([str(tmp_path / "e.npz"), str(tmp_path / "e.npz"), "--layerwise"], "no layer_i columns"),
+    ]
+    for argv, message in cases:
+        code, err = _align(argv, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_cli_align_missing_parquet_column_is_one_line(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    pq.write_table(pa.table({"embedding": list(rows), "name": [f"n{i}" for i in range(12)]}), tmp_path / "e.parquet")
+    code, err = _align([str(tmp_path / "e.parquet")] * 2 + ["--column", "vision"], capsys)
+    assert code == 2 and "has no column 'vision'; it has embedding, name" in err
+    code, err = _align([str(tmp_path / "e.parquet")] * 2 + ["--column", "name"], capsys)
+    assert code == 2 and "embeddings must be numbers" in err and len(err.splitlines()) == 1
+
+
+def test_string_arrays_are_refused_by_the_metrics():
+    with pytest.raises(AlignmentInputError, match="numbers"):
+        score(np.array([["a"]] * 5), np.ones((5, 1)), "cka")

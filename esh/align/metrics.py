@@ -27,7 +27,13 @@ class AlignmentInputError(InputError):
 
 
 def _as_tensor(x, name: str) -> Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+    if not isinstance(x, Tensor):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise AlignmentInputError(f"{name} holds {x.dtype} values; embeddings must be numbers")
+    t = torch.as_tensor(x)
+    if t.is_complex():
+        raise AlignmentInputError(f"{name} holds complex values; embeddings must be real numbers")
     if t.dim() != 2:
         raise AlignmentInputError(f"{name} must be a 2-D (items, features) array; got shape {tuple(t.shape)}")
     if not t.is_floating_point():

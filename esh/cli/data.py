@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from esh.cli._common import add_amp_arguments
+from esh.errors import InputError
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -22,7 +23,11 @@ def _cmd_align(args: argparse.Namespace) -> int:
     from esh.align import score
     from esh.align.io import load_embeddings
 
+    if args.heatmap and not args.layerwise:
+        raise InputError("--heatmap draws the layer-by-layer scores: add --layerwise")
     if args.layerwise:
+        if args.column:
+            raise InputError("--column picks one array; --layerwise compares every layer_i array: give one of them")
         from esh.align.io import load_layers
         from esh.align.layerwise import best_pair, layerwise, save_heatmap
 
