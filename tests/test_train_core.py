@@ -371,3 +371,12 @@ def test_an_lm_run_resumed_mid_way_writes_the_same_metrics(tmp_path):
     b = _metrics(tmp_path / "cut" / "metrics.csv", "elapsed_s")
     assert [r["step"] for r in a] == ["4", "8", "12"] and [r["step"] for r in b] == ["4", "6", "8", "12"]
     assert a == [r for r in b if r["step"] != "6"]  # the cut run also evaluated where it stopped
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:7"])
+def test_lm_generate_reads_the_device_once(tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["lm", "generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"{device!r}" in err and len(err.strip().splitlines()) == 1, err

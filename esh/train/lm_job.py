@@ -215,6 +215,7 @@ def load_lm(checkpoint: str | os.PathLike, device: str = "cpu"):
     """(model, tokenizer) from an ``esh lm train`` output directory."""
     from esh.models.esh_lm import ESHModel
 
+    device = resolve_device(device)
     path = Path(checkpoint)
     if not path.is_dir():
         raise InputError(f"--checkpoint {checkpoint}: expected the output directory of `esh lm train`")
