@@ -2,16 +2,17 @@
 
 For each shape: forward and forward+backward time and the peak memory of forward+backward,
 for esh's reference loop, mambapy's parallel scan (when installed), esh's fast PyTorch path
-("esh", the chunked backend) and, forward only, esh's fused C kernel ("esh-cpu", the default
-for CPU inference where a C compiler is available; it has no backward), all measured in the
-same run, with
+("esh", the chunked backend) and esh's fused C kernel, forward and backward ("esh-cpu", the
+default on the CPU where a C compiler is available), all measured in the same run, with
 
 * speed-ups of the fast path over the faster of the two baselines, and
 * every time as a multiple of this machine's *floor*: one exponential per state element at
   the measured rate of the fastest exponential torch offers (``exp`` or ``exp2``), plus one
   read and one write of the (batch, dim, L, N) state at the measured copy bandwidth. That is
   the floor of any scan made of PyTorch ops; the C kernel, which computes its exponentials
-  inline and never writes the state, can go below it.
+  inline and never writes the state, can go below it. Forward+backward is measured against
+  the same floor (the backward recomputes the states, so at least two exponentials per
+  element are needed).
 
 The inputs are a Mamba block's: softplus(delta + delta_bias) with dt in [1e-3, 1e-1],
 A = -exp(A_log) with the S4D-real init, input-dependent B and C, D and a z gate.
@@ -43,7 +44,6 @@ QUICK_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "small_long": (1, 16, 300, 4),
 }
 METHODS = ("reference", "mambapy", "esh", "esh-cpu")
-FORWARD_ONLY = ("esh-cpu",)
 OURS = ("esh", "esh-cpu")
 
 
@@ -182,10 +182,7 @@ def bench_shape(
         slow = method == "reference"  # one timed call of the loop is plenty
         outputs[method] = forward()
         fwd = time_call(forward, repeats=1 if slow else repeats, warmup=0 if slow else 1, max_seconds=max_seconds)
-        if method in FORWARD_ONLY:
-            fb = math.nan
-        else:
-            fb = time_call(forward_backward, repeats=1 if slow else repeats, warmup=1, max_seconds=max_seconds)
+        fb = time_call(forward_backward, repeats=1 if slow else repeats, warmup=1, max_seconds=max_seconds)
         rows.append(Row(name, shape, method, fwd, fb, None, floor.seconds(math.prod(shape))))
     reference_out = outputs.get("reference")
     baselines = [r for r in rows if r.method not in OURS]
@@ -203,9 +200,8 @@ def measure_peaks(rows: Sequence[Row]) -> None:
     """Fill in the peak memory of forward+backward. Run after all timings: measuring memory
     makes the allocator return freed memory to the OS, which slows every later call."""
     for r in rows:
-        if r.method not in FORWARD_ONLY:
-            _, forward_backward = _workloads(r.shape, r.method)
-            r.peak_bytes = peak_memory(forward_backward)
+        _, forward_backward = _workloads(r.shape, r.method)
+        r.peak_bytes = peak_memory(forward_backward)
 
 
 def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
@@ -217,17 +213,12 @@ def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        forward_only = r.method in FORWARD_ONLY
         peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
         err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
         speed = "" if r.speedup_fwd is None else f"{r.speedup_fwd:.1f}x / {r.speedup_fwd_bwd:.1f}x"
-        if forward_only:
-            speed = "" if r.speedup_fwd is None else f"{r.speedup_fwd:.1f}x / -"
-        fb = "-" if forward_only else f"{r.fwd_bwd_s * 1e3:.1f}"
-        fb_floor = "-" if forward_only else f"{r.fwd_bwd_s / r.floor_s:.1f}"
         lines.append(
             f"| {r.shape_name} {r.shape} | {r.method} | {r.fwd_s * 1e3:.1f} | {r.fwd_s / r.floor_s:.1f} "
-            f"| {fb} | {fb_floor} | {'-' if forward_only else peak} | {err} | {speed} |"
+            f"| {r.fwd_bwd_s * 1e3:.1f} | {r.fwd_bwd_s / r.floor_s:.1f} | {peak} | {err} | {speed} |"
         )
     return "\n".join(lines)
 
