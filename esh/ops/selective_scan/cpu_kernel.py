@@ -114,12 +114,13 @@ def _load() -> ctypes.CDLL | None:
                 continue
             ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.esh_scan_fwd_f32.restype = None
-            # u, delta, A2, B, C, D, bias, z, softplus, y, h_last, h_init, ckpt, K, batch, L, dim, N, GB, GC, threads
-            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 4 + [i64] * 7 + [cint]
+            # u, delta, A2, B, C, D, bias, z, softplus, y, h_last, h_init, ckpt, K, batch, L, dim, N, GB, GC,
+            # seq_major, threads
+            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 4 + [i64] * 7 + [cint] * 2
             lib.esh_scan_bwd_f32.restype = i64
             # u, delta, A2, B, C, D, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD, dbias,
-            # dB, dC, dh0, batch, L, dim, N, GB, GC, threads
-            lib.esh_scan_bwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint]
+            # dB, dC, dh0, batch, L, dim, N, GB, GC, seq_major, threads
+            lib.esh_scan_bwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
             lib.esh_scan_reduce_f32.restype = None
             lib.esh_scan_reduce_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
             _lib = lib
@@ -189,9 +190,18 @@ def _bc(t: Tensor) -> Tensor:
     return t.permute(0, 3, 1, 2).float().contiguous()
 
 
-def _seq_major(x: Tensor) -> Tensor:
-    """(batch, dim, L) -> contiguous float32 (batch, L, dim): free for float32 sequence-major views."""
-    return x.transpose(1, 2).float().contiguous()
+def _in_layout(x: Tensor, seq_major: bool) -> Tensor:
+    """(batch, dim, L) float32, stored as a contiguous (batch, L, dim) tensor when ``seq_major``,
+    contiguous otherwise: a free view when ``x`` already is."""
+    if seq_major:
+        return x.transpose(1, 2).float().contiguous().transpose(1, 2)
+    return x.float().contiguous()
+
+
+def _new(batch: int, dim: int, seqlen: int, seq_major: bool) -> Tensor:
+    if seq_major:
+        return torch.empty(batch, seqlen, dim).transpose(1, 2)
+    return torch.empty(batch, dim, seqlen)
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
@@ -212,41 +222,39 @@ def _reduce(lib: ctypes.CDLL, part: Tensor, outer: int, count: int) -> Tensor:
     return out
 
 
-def _from_seq_major(x_s: Tensor, like: Tensor) -> Tensor:
-    """(batch, L, dim) -> (batch, dim, L) laid out as ``like``: a view when it is sequence-major."""
-    out = x_s.transpose(1, 2)
-    return out if is_seq_major(like) else out.contiguous()
-
-
 class _Inputs:
-    """The kernel's float32 contiguous forms of the inputs (free views where they already are)."""
+    """The kernel's float32 contiguous forms of the inputs (free views where they already are).
+    u, delta and z (and the output and their gradients) take u's layout: sequence-major or
+    channel-major, the kernel reads either."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state):
         self.batch, self.dim, self.seqlen = u.shape
         self.n = A.shape[1]
         self.gb = B.shape[1] if B.dim() == 4 else 1
         self.gc = C.shape[1] if C.dim() == 4 else 1
-        self.u, self.delta = _seq_major(u), _seq_major(delta)
+        self.seq_major = is_seq_major(u)
+        self.u, self.delta = _in_layout(u, self.seq_major), _in_layout(delta, self.seq_major)
         self.A2 = (A.float() * LOG2E).t().contiguous()
         self.B, self.C = _bc(B), _bc(C)
         self.D, self.bias = _opt(D), _opt(delta_bias)
-        self.z = None if z is None else _seq_major(z)
+        self.z = None if z is None else _in_layout(z, self.seq_major)
         self.h0 = _opt(initial_state)
 
     def tensors(self) -> list[Tensor | None]:
         return [self.u, self.delta, self.A2, self.B, self.C, self.D, self.bias, self.z, self.h0]
 
     def forward(self, lib, softplus: bool, want_last: bool, K: int | None):
-        """(out (batch, L, dim) float32, the last state if wanted, the checkpoints if K)."""
+        """(out (batch, dim, L) float32 in u's layout, the last state if wanted, the checkpoints if K)."""
         batch, dim, n = self.batch, self.dim, self.n
-        y = torch.empty_like(self.u)
+        y = _new(batch, dim, self.seqlen, self.seq_major)
         last = self.u.new_empty(batch, dim, n) if want_last else None
         ckpt = None
         if K:
             ckpt = self.u.new_empty(batch, -(-self.seqlen // K), dim // BLOCK, n, BLOCK)
         lib.esh_scan_fwd_f32(
             *(_ptr(t) for t in self.tensors()[:8]), int(softplus), _ptr(y), _ptr(last), _ptr(self.h0),
-            _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc, torch.get_num_threads(),
+            _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc, int(self.seq_major),
+            torch.get_num_threads(),
         )  # fmt: skip
         return y, last, ckpt
 
@@ -261,24 +269,23 @@ class SelectiveScanCpu(torch.autograd.Function):
         K = checkpoint or checkpoint_steps(x.n)
         y, last, ckpt = x.forward(lib, delta_softplus, True, K)
         ctx.save_for_backward(*x.tensors(), ckpt)
-        ctx.meta = (x.batch, x.dim, x.seqlen, x.n, x.gb, x.gc, K, delta_softplus)
+        ctx.meta = (x.batch, x.dim, x.seqlen, x.n, x.gb, x.gc, K, delta_softplus, x.seq_major)
         ctx.like = [(t.dtype, t.dim()) for t in (u, B, C)]
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        ctx.seq_major = is_seq_major(u)
         ctx.set_materialize_grads(False)  # an unused last state's gradient stays None
-        return _from_seq_major(y, u).to(u.dtype), last
+        return y.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         lib = _load()
         u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt = ctx.saved_tensors
-        batch, dim, seqlen, n, gb, gc, K, softplus = ctx.meta
+        batch, dim, seqlen, n, gb, gc, K, softplus, seq_major = ctx.meta
         need = ctx.needs_input_grad
         blocks = dim // BLOCK
-        dout_s = torch.zeros_like(u) if dout is None else _seq_major(dout)
+        dout = torch.zeros_like(u) if dout is None else _in_layout(dout, seq_major)
         dlast = None if dlast is None else dlast.float().contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = None if z is None else torch.empty_like(u)
+        du, ddelta = _new(batch, dim, seqlen, seq_major), _new(batch, dim, seqlen, seq_major)
+        dz = None if z is None else _new(batch, dim, seqlen, seq_major)
         dA_part = u.new_empty(batch, n, dim)
         dD_part = None if D is None else u.new_empty(batch, dim)
         dbias_part = None if bias is None else u.new_empty(batch, dim)
@@ -286,17 +293,14 @@ class SelectiveScanCpu(torch.autograd.Function):
         dC_part = u.new_empty(batch, blocks, seqlen, n)
         dh0 = u.new_empty(batch, dim, n) if need[8] else None
         failed = lib.esh_scan_bwd_f32(
-            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z)), int(softplus), _ptr(dout_s), _ptr(dlast),
+            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z)), int(softplus), _ptr(dout), _ptr(dlast),
             _ptr(ckpt), K, _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part), _ptr(dD_part), _ptr(dbias_part),
-            _ptr(dB_part), _ptr(dC_part), _ptr(dh0), batch, seqlen, dim, n, gb, gc, torch.get_num_threads(),
+            _ptr(dB_part), _ptr(dC_part), _ptr(dh0), batch, seqlen, dim, n, gb, gc, int(seq_major),
+            torch.get_num_threads(),
         )  # fmt: skip
         if failed:
             raise MemoryError(f"the CPU scan's backward could not allocate its scratch for {failed} blocks")
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias, dt_h0 = ctx.dtypes
-
-        def seq(g, dtype):
-            out = g.transpose(1, 2)
-            return (out if ctx.seq_major else out.contiguous()).to(dtype)
 
         def bc(part, groups, like):
             # (batch, blocks, L, N) -> (batch, G, L, N) -> (batch, G, N, L), or (batch, N, L)
@@ -304,13 +308,13 @@ class SelectiveScanCpu(torch.autograd.Function):
             return (g.squeeze(1) if like[1] == 3 else g).to(like[0])
 
         grads = [
-            seq(du, dt_u) if need[0] else None,
-            seq(ddelta, dt_delta) if need[1] else None,
+            du.to(dt_u) if need[0] else None,
+            ddelta.to(dt_delta) if need[1] else None,
             _reduce(lib, dA_part, 1, batch).view(n, dim).t().to(dt_A) if need[2] else None,
             bc(dB_part, gb, ctx.like[1]) if need[3] else None,
             bc(dC_part, gc, ctx.like[2]) if need[4] else None,
             _reduce(lib, dD_part, 1, batch).view(dim).to(dt_D) if D is not None and need[5] else None,
-            seq(dz, dt_z) if z is not None and need[6] else None,
+            dz.to(dt_z) if z is not None and need[6] else None,
             _reduce(lib, dbias_part, 1, batch).view(dim).to(dt_bias) if bias is not None and need[7] else None,
             dh0.to(dt_h0) if dh0 is not None else None,
         ]
@@ -348,5 +352,5 @@ def selective_scan_cpu(
         return (out, last) if return_last_state else out
     x = _Inputs(*inputs)  # its shapes were checked with the rest by the dispatcher
     y, last, _ = x.forward(lib, delta_softplus, return_last_state, None)
-    out = _from_seq_major(y, u).to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
+    out = y.to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
     return (out, last) if return_last_state else out

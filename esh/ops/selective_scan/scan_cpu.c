@@ -10,7 +10,8 @@
  *   out[t]  = y[t] * silu(z[t])                     (or y[t])
  *
  * with A2 = A * log2(e). Layouts (all contiguous, float32):
- *   u, delta, z, out (batch, L, dim)      sequence-major, as the mixers produce them
+ *   u, delta, z, out (batch, L, dim)      sequence-major, as the mixers produce them, or all
+ *                    (batch, dim, L) channel-major (seq_major = 0)
  *   A2               (N, dim)
  *   Bm               (batch, L, GB, N)    one B per group of dim / GB channels
  *   Cm               (batch, L, GC, N)    one C per group of dim / GC channels
@@ -68,71 +69,89 @@ static inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(fmi
 
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+#define ESH_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* One block of W channels of one sequence; (b * L * dim + t * st + d * sd) is the offset of
+ * (b, t, d) in u, delta, z and y: st = dim, sd = 1 sequence-major, st = 1, sd = L channel-major
+ * (the two callers below pass them as constants, so each layout gets its own compiled loop). */
+ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
+                                const float *Cm, const float *Dv, const float *bias, const float *z,
+                                int softplus, float *y, float *h_last, const float *h_init, float *ckpt,
+                                int64_t K, int64_t nchunks, int64_t L, int64_t dim, int64_t N, int64_t GB,
+                                int64_t GC, int64_t item, const int64_t st, const int64_t sd) {
+    const int64_t blocks = dim / W;
+    const int64_t b = item / blocks;
+    const int64_t blk = item % blocks;
+    const int64_t d0 = blk * W;
+    const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
+    float h[ESH_MAX_N][W];
+    float a2[ESH_MAX_N][W];
+    float bias_k[W], D_k[W];
+    for (int64_t n = 0; n < N; ++n)
+        for (int k = 0; k < W; ++k) {
+            h[n][k] = h_init ? h_init[(b * dim + d0 + k) * N + n] : 0.0f;
+            a2[n][k] = A2[n * dim + d0 + k];
+        }
+    for (int k = 0; k < W; ++k) {
+        bias_k[k] = bias ? bias[d0 + k] : 0.0f;
+        D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
+    }
+    for (int64_t t = 0; t < L; ++t) {
+        if (ckpt && t % K == 0) {
+            float *dst = ckpt + ((b * nchunks + t / K) * blocks + blk) * N * W;
+            for (int64_t n = 0; n < N; ++n)
+                for (int k = 0; k < W; ++k) dst[n * W + k] = h[n][k];
+        }
+        const int64_t row = b * L * dim + t * st + d0 * sd;
+        const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+        const float *ct = Cm + ((b * L + t) * GC + gc) * N;
+        float dt[W], dtu[W], acc[W];
+#pragma omp simd
+        for (int k = 0; k < W; ++k) {
+            float x = delta[row + k * sd] + bias_k[k];
+            if (softplus) x = softplus_f(x);
+            dt[k] = x;
+            dtu[k] = x * u[row + k * sd];
+            acc[k] = D_k[k] * u[row + k * sd];
+        }
+        for (int64_t n = 0; n < N; ++n) {
+            const float bn = bt[n], cn = ct[n];
+#pragma omp simd
+            for (int k = 0; k < W; ++k) {
+                const float hn = esh_exp2f(dt[k] * a2[n][k]) * h[n][k] + dtu[k] * bn;
+                h[n][k] = hn;
+                acc[k] += cn * hn;
+            }
+        }
+        if (z) {
+#pragma omp simd
+            for (int k = 0; k < W; ++k) {
+                const float zk = z[row + k * sd];
+                y[row + k * sd] = acc[k] * zk * sigmoid_f(zk);
+            }
+        } else {
+            for (int k = 0; k < W; ++k) y[row + k * sd] = acc[k];
+        }
+    }
+    if (h_last)
+        for (int k = 0; k < W; ++k)
+            for (int64_t n = 0; n < N; ++n) h_last[(b * dim + d0 + k) * N + n] = h[n][k];
+}
+
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
                       const float *Dv, const float *bias, const float *z, int softplus, float *y, float *h_last,
                       const float *h_init, float *ckpt, int64_t K, int64_t batch, int64_t L, int64_t dim,
-                      int64_t N, int64_t GB, int64_t GC, int nthreads) {
-    const int64_t blocks = dim / W;
-    const int64_t items = batch * blocks;
+                      int64_t N, int64_t GB, int64_t GC, int seq_major, int nthreads) {
+    const int64_t items = batch * (dim / W);
     const int64_t nchunks = ckpt ? (L + K - 1) / K : 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t item = 0; item < items; ++item) {
-        const int64_t b = item / blocks;
-        const int64_t blk = item % blocks;
-        const int64_t d0 = blk * W;
-        const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
-        float h[ESH_MAX_N][W];
-        float a2[ESH_MAX_N][W];
-        float bias_k[W], D_k[W];
-        for (int64_t n = 0; n < N; ++n)
-            for (int k = 0; k < W; ++k) {
-                h[n][k] = h_init ? h_init[(b * dim + d0 + k) * N + n] : 0.0f;
-                a2[n][k] = A2[n * dim + d0 + k];
-            }
-        for (int k = 0; k < W; ++k) {
-            bias_k[k] = bias ? bias[d0 + k] : 0.0f;
-            D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
-        }
-        for (int64_t t = 0; t < L; ++t) {
-            if (ckpt && t % K == 0) {
-                float *dst = ckpt + ((b * nchunks + t / K) * blocks + blk) * N * W;
-                for (int64_t n = 0; n < N; ++n)
-                    for (int k = 0; k < W; ++k) dst[n * W + k] = h[n][k];
-            }
-            const int64_t row = (b * L + t) * dim + d0;
-            const float *bt = Bm + ((b * L + t) * GB + gb) * N;
-            const float *ct = Cm + ((b * L + t) * GC + gc) * N;
-            float dt[W], dtu[W], acc[W];
-#pragma omp simd
-            for (int k = 0; k < W; ++k) {
-                float x = delta[row + k] + bias_k[k];
-                if (softplus) x = softplus_f(x);
-                dt[k] = x;
-                dtu[k] = x * u[row + k];
-                acc[k] = D_k[k] * u[row + k];
-            }
-            for (int64_t n = 0; n < N; ++n) {
-                const float bn = bt[n], cn = ct[n];
-#pragma omp simd
-                for (int k = 0; k < W; ++k) {
-                    const float hn = esh_exp2f(dt[k] * a2[n][k]) * h[n][k] + dtu[k] * bn;
-                    h[n][k] = hn;
-                    acc[k] += cn * hn;
-                }
-            }
-            if (z) {
-#pragma omp simd
-                for (int k = 0; k < W; ++k) {
-                    const float zk = z[row + k];
-                    y[row + k] = acc[k] * zk * sigmoid_f(zk);
-                }
-            } else {
-                for (int k = 0; k < W; ++k) y[row + k] = acc[k];
-            }
-        }
-        if (h_last)
-            for (int k = 0; k < W; ++k)
-                for (int64_t n = 0; n < N; ++n) h_last[(b * dim + d0 + k) * N + n] = h[n][k];
+        if (seq_major)
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
+                     GC, item, dim, 1);
+        else
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
+                     GC, item, 1, L);
     }
 }
 
@@ -146,155 +165,170 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
  *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
  *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
  * Each item needs 2 K N W + K W floats of scratch (malloc'ed); returns the number of items whose
- * scratch could not be allocated (their gradients are then unwritten: the caller raises). */
+ * scratch could not be allocated (their gradients are then unwritten: the caller raises).
+ * u, delta, z, dout, du, ddelta and dz share one layout: seq_major, else (batch, dim, L). */
+/* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
+ * scratch could not be allocated. */
+ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
+                               const float *Cm, const float *Dv, const float *bias, const float *z, int softplus,
+                               const float *dout, const float *dlast, const float *ckpt, int64_t K, float *du,
+                               float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part,
+                               float *dB_part, float *dC_part, float *dh0, int64_t L, int64_t dim, int64_t N,
+                               int64_t GB, int64_t GC, int64_t item, const int64_t st, const int64_t sd) {
+    const int64_t blocks = dim / W;
+    const int64_t nchunks = (L + K - 1) / K;
+    const float LN2 = 0.6931471805599453f;
+    const int64_t b = item / blocks;
+    const int64_t blk = item % blocks;
+    const int64_t d0 = blk * W;
+    const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 1)));
+    if (!scratch) return 1;
+    float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
+    float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
+    float *dts = as + K * N * W;     /* (K, W): the steps */
+    float g[ESH_MAX_N][W];           /* the adjoint of the state */
+    float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
+    float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
+    for (int64_t n = 0; n < N; ++n)
+        for (int k = 0; k < W; ++k) {
+            g[n][k] = dlast ? dlast[(b * dim + d0 + k) * N + n] : 0.0f;
+            a2[n][k] = A2[n * dim + d0 + k];
+            dA_acc[n][k] = 0.0f;
+        }
+    for (int k = 0; k < W; ++k) {
+        bias_k[k] = bias ? bias[d0 + k] : 0.0f;
+        D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
+        dD_acc[k] = 0.0f;
+        dbias_acc[k] = 0.0f;
+    }
+    float *dBp = dB_part + (b * blocks + blk) * L * N;
+    float *dCp = dC_part + (b * blocks + blk) * L * N;
+    for (int64_t c = nchunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * K;
+        const int64_t T = (L - t0) < K ? (L - t0) : K;
+        const float *h0 = ckpt + ((b * nchunks + c) * blocks + blk) * N * W;
+        /* recompute the chunk's steps, decays and states */
+        for (int64_t j = 0; j < T; ++j) {
+            const int64_t t = t0 + j;
+            const int64_t row = b * L * dim + t * st + d0 * sd;
+            const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+            float *hj = hs + j * N * W, *aj = as + j * N * W;
+            const float *hp = j ? hj - N * W : h0;
+            float dt[W], dtu[W];
+#pragma omp simd
+            for (int k = 0; k < W; ++k) {
+                float x = delta[row + k * sd] + bias_k[k];
+                if (softplus) x = softplus_f(x);
+                dt[k] = x;
+                dts[j * W + k] = x;
+                dtu[k] = x * u[row + k * sd];
+            }
+            for (int64_t n = 0; n < N; ++n) {
+                const float bn = bt[n];
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    const float a = esh_exp2f(dt[k] * a2[n][k]);
+                    aj[n * W + k] = a;
+                    hj[n * W + k] = a * hp[n * W + k] + dtu[k] * bn;
+                }
+            }
+        }
+        /* the adjoint recurrence, from the chunk's last step back to its first */
+        for (int64_t j = T - 1; j >= 0; --j) {
+            const int64_t t = t0 + j;
+            const int64_t row = b * L * dim + t * st + d0 * sd;
+            const float *bt = Bm + ((b * L + t) * GB + gb) * N;
+            const float *ct = Cm + ((b * L + t) * GC + gc) * N;
+            const float *hj = hs + j * N * W, *aj = as + j * N * W;
+            const float *hp = j ? hj - N * W : h0;
+            float dt[W], uk[W], dtu[W], dy[W], ddtu[W], ddt[W];
+#pragma omp simd
+            for (int k = 0; k < W; ++k) {
+                dt[k] = dts[j * W + k];
+                uk[k] = u[row + k * sd];
+                dtu[k] = dt[k] * uk[k];
+                dy[k] = dout[row + k * sd];
+                ddtu[k] = 0.0f;
+                ddt[k] = 0.0f;
+            }
+            if (z) { /* out = y silu(z): y recomputed from the state */
+                float yk[W];
+                for (int k = 0; k < W; ++k) yk[k] = D_k[k] * uk[k];
+                for (int64_t n = 0; n < N; ++n) {
+                    const float cn = ct[n];
+#pragma omp simd
+                    for (int k = 0; k < W; ++k) yk[k] += cn * hj[n * W + k];
+                }
+#pragma omp simd
+                for (int k = 0; k < W; ++k) {
+                    const float zk = z[row + k * sd];
+                    const float s = sigmoid_f(zk);
+                    dz[row + k * sd] = dy[k] * yk[k] * s * (1.0f + zk * (1.0f - s));
+                    dy[k] *= zk * s;
+                }
+            }
+            for (int64_t n = 0; n < N; ++n) {
+                const float bn = bt[n], cn = ct[n];
+                float sb = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sb, sc)
+                for (int k = 0; k < W; ++k) {
+                    const float a = aj[n * W + k];
+                    const float gn = g[n][k] + cn * dy[k];
+                    sc += hj[n * W + k] * dy[k];
+                    sb += gn * dtu[k];
+                    ddtu[k] += gn * bn;
+                    const float q = gn * a * hp[n * W + k]; /* dL/d(log a) */
+                    dA_acc[n][k] += q * dt[k];
+                    ddt[k] += q * a2[n][k];
+                    g[n][k] = gn * a;
+                }
+                dBp[t * N + n] = sb;
+                dCp[t * N + n] = sc;
+            }
+#pragma omp simd
+            for (int k = 0; k < W; ++k) {
+                float d = ddt[k] * LN2 + ddtu[k] * uk[k];
+                du[row + k * sd] = ddtu[k] * dt[k] + dy[k] * D_k[k];
+                dD_acc[k] += dy[k] * uk[k];
+                if (softplus) {
+                    const float x = delta[row + k * sd] + bias_k[k];
+                    d *= x > 20.0f ? 1.0f : sigmoid_f(x);
+                }
+                ddelta[row + k * sd] = d;
+                dbias_acc[k] += d;
+            }
+        }
+    }
+    free(scratch);
+    for (int64_t n = 0; n < N; ++n)
+        for (int k = 0; k < W; ++k) {
+            dA_part[(b * N + n) * dim + d0 + k] = dA_acc[n][k];
+            if (dh0) dh0[(b * dim + d0 + k) * N + n] = g[n][k];
+        }
+    for (int k = 0; k < W; ++k) {
+        if (dD_part) dD_part[b * dim + d0 + k] = dD_acc[k];
+        if (dbias_part) dbias_part[b * dim + d0 + k] = dbias_acc[k];
+    }
+    return 0;
+}
+
 int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
                          const float *Dv, const float *bias, const float *z, int softplus, const float *dout,
                          const float *dlast, const float *ckpt, int64_t K, float *du, float *ddelta, float *dz,
                          float *dA_part, float *dD_part, float *dbias_part, float *dB_part, float *dC_part,
                          float *dh0, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t GB, int64_t GC,
-                         int nthreads) {
-    const int64_t blocks = dim / W;
-    const int64_t items = batch * blocks;
-    const int64_t nchunks = (L + K - 1) / K;
-    const float LN2 = 0.6931471805599453f;
+                         int seq_major, int nthreads) {
+    const int64_t items = batch * (dim / W);
     int64_t failed = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : failed)
     for (int64_t item = 0; item < items; ++item) {
-        const int64_t b = item / blocks;
-        const int64_t blk = item % blocks;
-        const int64_t d0 = blk * W;
-        const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
-        float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 1)));
-        if (!scratch) {
-            failed += 1;
-            continue;
-        }
-        float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
-        float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
-        float *dts = as + K * N * W;     /* (K, W): the steps */
-        float g[ESH_MAX_N][W];           /* the adjoint of the state */
-        float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
-        float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
-        for (int64_t n = 0; n < N; ++n)
-            for (int k = 0; k < W; ++k) {
-                g[n][k] = dlast ? dlast[(b * dim + d0 + k) * N + n] : 0.0f;
-                a2[n][k] = A2[n * dim + d0 + k];
-                dA_acc[n][k] = 0.0f;
-            }
-        for (int k = 0; k < W; ++k) {
-            bias_k[k] = bias ? bias[d0 + k] : 0.0f;
-            D_k[k] = Dv ? Dv[d0 + k] : 0.0f;
-            dD_acc[k] = 0.0f;
-            dbias_acc[k] = 0.0f;
-        }
-        float *dBp = dB_part + (b * blocks + blk) * L * N;
-        float *dCp = dC_part + (b * blocks + blk) * L * N;
-        for (int64_t c = nchunks - 1; c >= 0; --c) {
-            const int64_t t0 = c * K;
-            const int64_t T = (L - t0) < K ? (L - t0) : K;
-            const float *h0 = ckpt + ((b * nchunks + c) * blocks + blk) * N * W;
-            /* recompute the chunk's steps, decays and states */
-            for (int64_t j = 0; j < T; ++j) {
-                const int64_t t = t0 + j;
-                const int64_t row = (b * L + t) * dim + d0;
-                const float *bt = Bm + ((b * L + t) * GB + gb) * N;
-                float *hj = hs + j * N * W, *aj = as + j * N * W;
-                const float *hp = j ? hj - N * W : h0;
-                float dt[W], dtu[W];
-#pragma omp simd
-                for (int k = 0; k < W; ++k) {
-                    float x = delta[row + k] + bias_k[k];
-                    if (softplus) x = softplus_f(x);
-                    dt[k] = x;
-                    dts[j * W + k] = x;
-                    dtu[k] = x * u[row + k];
-                }
-                for (int64_t n = 0; n < N; ++n) {
-                    const float bn = bt[n];
-#pragma omp simd
-                    for (int k = 0; k < W; ++k) {
-                        const float a = esh_exp2f(dt[k] * a2[n][k]);
-                        aj[n * W + k] = a;
-                        hj[n * W + k] = a * hp[n * W + k] + dtu[k] * bn;
-                    }
-                }
-            }
-            /* the adjoint recurrence, from the chunk's last step back to its first */
-            for (int64_t j = T - 1; j >= 0; --j) {
-                const int64_t t = t0 + j;
-                const int64_t row = (b * L + t) * dim + d0;
-                const float *bt = Bm + ((b * L + t) * GB + gb) * N;
-                const float *ct = Cm + ((b * L + t) * GC + gc) * N;
-                const float *hj = hs + j * N * W, *aj = as + j * N * W;
-                const float *hp = j ? hj - N * W : h0;
-                float dt[W], uk[W], dtu[W], dy[W], ddtu[W], ddt[W];
-#pragma omp simd
-                for (int k = 0; k < W; ++k) {
-                    dt[k] = dts[j * W + k];
-                    uk[k] = u[row + k];
-                    dtu[k] = dt[k] * uk[k];
-                    dy[k] = dout[row + k];
-                    ddtu[k] = 0.0f;
-                    ddt[k] = 0.0f;
-                }
-                if (z) { /* out = y silu(z): y recomputed from the state */
-                    float yk[W];
-                    for (int k = 0; k < W; ++k) yk[k] = D_k[k] * uk[k];
-                    for (int64_t n = 0; n < N; ++n) {
-                        const float cn = ct[n];
-#pragma omp simd
-                        for (int k = 0; k < W; ++k) yk[k] += cn * hj[n * W + k];
-                    }
-#pragma omp simd
-                    for (int k = 0; k < W; ++k) {
-                        const float zk = z[row + k];
-                        const float s = sigmoid_f(zk);
-                        dz[row + k] = dy[k] * yk[k] * s * (1.0f + zk * (1.0f - s));
-                        dy[k] *= zk * s;
-                    }
-                }
-                for (int64_t n = 0; n < N; ++n) {
-                    const float bn = bt[n], cn = ct[n];
-                    float sb = 0.0f, sc = 0.0f;
-#pragma omp simd reduction(+ : sb, sc)
-                    for (int k = 0; k < W; ++k) {
-                        const float a = aj[n * W + k];
-                        const float gn = g[n][k] + cn * dy[k];
-                        sc += hj[n * W + k] * dy[k];
-                        sb += gn * dtu[k];
-                        ddtu[k] += gn * bn;
-                        const float q = gn * a * hp[n * W + k]; /* dL/d(log a) */
-                        dA_acc[n][k] += q * dt[k];
-                        ddt[k] += q * a2[n][k];
-                        g[n][k] = gn * a;
-                    }
-                    dBp[t * N + n] = sb;
-                    dCp[t * N + n] = sc;
-                }
-#pragma omp simd
-                for (int k = 0; k < W; ++k) {
-                    float d = ddt[k] * LN2 + ddtu[k] * uk[k];
-                    du[row + k] = ddtu[k] * dt[k] + dy[k] * D_k[k];
-                    dD_acc[k] += dy[k] * uk[k];
-                    if (softplus) {
-                        const float x = delta[row + k] + bias_k[k];
-                        d *= x > 20.0f ? 1.0f : sigmoid_f(x);
-                    }
-                    ddelta[row + k] = d;
-                    dbias_acc[k] += d;
-                }
-            }
-        }
-        free(scratch);
-        for (int64_t n = 0; n < N; ++n)
-            for (int k = 0; k < W; ++k) {
-                dA_part[(b * N + n) * dim + d0 + k] = dA_acc[n][k];
-                if (dh0) dh0[(b * dim + d0 + k) * N + n] = g[n][k];
-            }
-        for (int k = 0; k < W; ++k) {
-            if (dD_part) dD_part[b * dim + d0 + k] = dD_acc[k];
-            if (dbias_part) dbias_part[b * dim + d0 + k] = dbias_acc[k];
-        }
+        if (seq_major)
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+                               dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, dim, 1);
+        else
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+                               dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, 1, L);
     }
     return failed;
 }
