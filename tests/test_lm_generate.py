@@ -160,3 +160,25 @@ def test_esh_lm_generate_reports_bad_sampling_arguments_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(args) == 0  # the same checkpoint generates with valid arguments
+
+
+def test_gpt_cached_decoding_gives_the_logits_of_the_full_forward():
+    model = _context_dependent(_gpt(seed=6)).eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    full = model(ids).logits
+    cache = model.new_cache(16)
+    parts = [model(ids[:, :4], past_key_values=cache).logits]
+    parts += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_gpt_refuses_to_generate_past_its_positions_before_starting(use_cache):
+    model = _gpt()  # block_size 64
+    with pytest.raises(InputError, match="70 tokens in all exceed block_size 64"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), 60, use_cache=use_cache)
+    with pytest.raises(InputError, match="no support for padded batches"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.ones(1, 3))
+    with pytest.raises(InputError, match=r"must lie in \[0, 61\)"):
+        model(torch.tensor([[0, 61]]))

@@ -5,7 +5,8 @@ position embeddings, the LM head tied to the token embedding, nanoGPT's initiali
 (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer)). Its forward follows the
 ESH LM contract, so one trainer and one benchmark serve both: ``model(input_ids, labels=None)``
 returns logits and, with labels, the next-token cross-entropy (labels are shifted inside, as in
-Hugging Face; ``-100`` is ignored). ``generate`` decodes with a preallocated key/value cache.
+Hugging Face; ``-100`` is ignored). ``generate`` is the one of every esh LM
+(``esh.models.lm_common``), decoding with a preallocated key/value cache (``GPTCache``).
 
 Parameter counts follow nanoGPT's ``get_num_params``: the position table is left out of the
 headline count (it is reported as embedding, like the tied token table).
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh.errors import InputError
-from esh.models.lm_common import ESHOutput, check_generate_args, next_token_loss, sample_next_token
+from esh.models.lm_common import CausalLMMixin, ESHOutput
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTCache", "GPTConfig"]
 
 
 @dataclass
@@ -35,6 +36,14 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,7 +101,21 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPTCache:
+    """Decoding state of a ``GPT``: per block key and value buffers (batch, heads, max_length,
+    head_dim), allocated at the first call (when the batch size is known), and the number of
+    tokens written into them."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.buffers: list[tuple[Tensor, Tensor]] | None = None
+        self.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+class GPT(CausalLMMixin, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -116,6 +139,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The token table under the name the other esh LMs use (nanoGPT calls it ``wte``)."""
+        return self.wte
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, the tied head counted once; ``non_embedding`` leaves out both tables."""
         n = sum(p.numel() for p in self.parameters())
@@ -124,21 +152,64 @@ class GPT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ESHOutput:
-        if input_ids.shape[1] > self.config.block_size:
+    def _check_generate_length(self, total: int) -> None:
+        if total > self.config.block_size:
+            raise InputError(f"GPT: {total} tokens in all exceed block_size {self.config.block_size}")
+
+    def new_cache(self, max_length: int | None = None, static: bool = False) -> GPTCache:
+        """An empty key/value cache with room for ``max_length`` tokens (default and at most:
+        ``block_size``, the rows of the position table)."""
+        if static:
+            raise InputError("GPT has no decoding cache of fixed shapes for static_cache/cuda_graph (ESHModel has)")
+        max_length = self.config.block_size if max_length is None else max_length
+        self._check_generate_length(max_length)
+        return GPTCache(max_length)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        past_key_values: GPTCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        attention_mask: Tensor | None = None,
+    ) -> ESHOutput:
+        """Logits (and the loss) for ``input_ids`` (batch, T), as ``ESHModel.forward``:
+        ``past_key_values`` (from ``new_cache``) holds the tokens before ``input_ids`` and is
+        updated in place; ``use_cache`` makes one when none is given. Padded batches
+        (``attention_mask``) are not supported."""
+        if attention_mask is not None:
+            raise InputError("GPT takes no attention_mask: it has no support for padded batches")
+        self._check_input_ids(input_ids, labels)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        batch, seqlen = input_ids.shape
+        pos = cache.length if cache is not None else 0
+        limit = cache.max_length if cache is not None else self.config.block_size
+        if pos + seqlen > limit:
             raise InputError(
-                f"GPT: input of {input_ids.shape[1]} tokens is longer than block_size {self.config.block_size}"
+                f"GPT: input of {pos + seqlen} tokens is longer than "
+                f"{'the cache' if cache is not None else 'block_size'} ({limit})"
             )
-        x = self._embed(input_ids, 0)
-        for block in self.h:
-            if self.grad_checkpointing and self.training:
+        if cache is not None and cache.buffers is None:
+            cache.buffers = self.allocate_inference_cache(batch, cache.max_length)
+        x = self._embed(input_ids, pos)
+        for i, block in enumerate(self.h):
+            if cache is not None:
+                x = block(x, cache.buffers[i], pos)
+            elif self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        if cache is not None:
+            cache.length += seqlen
+        x = self.ln_f(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         out = ESHOutput(loss=None, logits=logits, aux_loss=logits.new_zeros((), dtype=torch.float32))
+        out.past_key_values = cache
         if labels is not None:
-            out.ce_loss = out.loss = next_token_loss(logits, labels)
+            out.ce_loss = out.loss = self._next_token_loss(logits, labels)
         return out
 
     def _embed(self, input_ids: Tensor, pos: int) -> Tensor:
@@ -150,49 +221,3 @@ class GPT(nn.Module):
         p = self.wte.weight
         shape = (batch_size, self.config.n_head, max_seqlen, self.config.n_embd // self.config.n_head)
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.h]
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """(B, T) prompt -> (B, T + new) ids. With ``use_cache`` the prompt is run once and every
-        new token attends to the cached keys/values; without it the whole sequence is re-run per
-        token. Stops early once every sequence has produced ``eos_token_id``. Sampling arguments
-        as in ``ESHModel.generate`` (temperature 0 = greedy)."""
-        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
-        total = input_ids.shape[1] + max_new_tokens
-        if total > self.config.block_size:
-            raise InputError(f"GPT: {total} tokens in all exceed block_size {self.config.block_size}")
-        was_training = self.training
-        self.eval()
-        ids = input_ids
-        cache = self.allocate_inference_cache(ids.shape[0], total) if use_cache else None
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        pos, step_input = 0, ids
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits = self(ids).logits[:, -1]
-            else:
-                x = self._embed(step_input, pos)
-                for block, layer_cache in zip(self.h, cache):
-                    x = block(x, layer_cache, pos)
-                logits = self.lm_head(self.ln_f(x[:, -1]))
-                pos += step_input.shape[1]
-            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(done, eos_token_id)
-                done |= nxt == eos_token_id
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_token_id is not None and bool(done.all()):
-                break
-        self.train(was_training)
-        return ids

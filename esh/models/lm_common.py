@@ -254,6 +254,10 @@ class CausalLMMixin:
 
     _next_token_loss = staticmethod(next_token_loss)
 
+    def _check_generate_length(self, total: int) -> None:
+        """Refuse to generate past the model's positions; none by default (rotary and SSM
+        positions have no limit)."""
+
     @torch.no_grad()
     def generate(
         self,
@@ -283,6 +287,7 @@ class CausalLMMixin:
         graph after the prompt and replays it for every token: one launch instead of hundreds.
         """
         check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        self._check_generate_length(input_ids.shape[1] + max_new_tokens)
         if cuda_graph:
             if not use_cache or attention_mask is not None:
                 raise InputError("generate(cuda_graph=True) needs use_cache=True and an unpadded batch")
