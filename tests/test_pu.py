@@ -114,3 +114,17 @@ def test_mknn_equals_pus_own_function():
     b = (a @ rng.normal(size=(32, 24)) + rng.normal(size=(300, 24))).astype(np.float32)
     for k in (1, 5, 10):
         assert mknn(a, b, k=k) == pytest.approx(pu_metrics.mknn(a, b, k), abs=1e-12)
+
+
+def test_16bit_images_are_scaled_not_clipped():
+    from PIL import Image
+
+    image = esh_pu._to_pil(Image.fromarray(np.full((4, 4), 100 * 257, np.uint16)), "hsc", ["hsc"], False, "fill")
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (100, 100, 100)  # convert("RGB") clipped to 255
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    from esh.errors import InputError
+
+    with pytest.raises(InputError, match="banana"):
+        esh_pu.EshAdapter("vim_tiny", "tiny", alias="vim", pretrained=False, device="banana")

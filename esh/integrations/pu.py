@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from esh._compat import has_module
+from esh.devices import resolve_device
 from esh.errors import InputError
 
 __all__ = ["ALIASES", "EshAdapter", "PreprocessEsh", "load_pu_module", "model_map", "register"]
@@ -138,8 +139,10 @@ def _to_pil(value: Any, mode: str, modes: Iterable[str], resize: bool, resize_mo
     array, or a pu flux record (``{"flux": ...}``, converted with pu's own ``flux_to_pil``)."""
     from PIL import Image
 
+    from esh.data.images import to_8bit
+
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_8bit(value)  # 16-bit and float images scaled, not clipped
     if isinstance(value, dict) and "flux" in value:
         try:
             flux_to_pil = load_pu_module("preprocess").flux_to_pil
@@ -219,7 +222,7 @@ def _make_adapter_class() -> type:
             self._use_amp = False
             self.checkpoint_path = checkpoint_path
             self.pretrained = pretrained
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.device = resolve_device(device or "auto")  # CUDA when there is one, else the CPU
             self.embedder = None
             self.model = None
             self._n_blocks: int | None = None
