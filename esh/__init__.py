@@ -1,7 +1,8 @@
 """esh: hybrid state-space / attention backbones (ESH-Vision, ESH LM, MambaVision, Vim).
 
-The seed's names stay importable as aliases: ``esh.Trainer`` / ``esh.training.Trainer`` is
-``esh.train.LMTrainer``, ``esh.TrainingConfig`` / ``esh.training.TrainingConfig`` is
+Short names kept as aliases (defined in ``esh/training.py`` and ``esh/model.py`` only):
+``esh.Trainer`` / ``esh.training.Trainer`` is ``esh.train.LMTrainer``,
+``esh.TrainingConfig`` / ``esh.training.TrainingConfig`` is
 ``esh.train.LMTrainConfig`` (its older field names, ``use_amp`` and friends, still work), and
 ``esh.model`` re-exports the ESH LM (``ESHConfig``, ``ESHModel``, ``esh_medium``, ...).
 ``esh_small()`` and the other ``esh_<size>()`` return an ``ESHConfig`` (build the model with

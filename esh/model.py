@@ -1,4 +1,6 @@
-"""The seed's module path: ``from esh.model import esh_medium`` (everything lives in ``esh.models.esh_lm``)."""
+"""An alias module of the ESH LM: ``from esh.model import ESHModel, esh_medium`` (defined in
+``esh.models.esh_lm``). ``esh_tiny()`` ... ``esh_large()`` return an ``ESHConfig``; build the
+model with ``ESHModel(esh_medium())``."""
 
 from esh.models.esh_lm import ESHConfig, ESHModel, esh_large, esh_medium, esh_small, esh_tiny
 
