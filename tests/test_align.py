@@ -248,6 +248,11 @@ def test_cli_align_missing_parquet_column_is_one_line(tmp_path, capsys):
     assert code == 2 and "embeddings must be numbers" in err and len(err.splitlines()) == 1
 
 
+def test_fewer_than_two_items_is_a_clear_error():
+    with pytest.raises(AlignmentInputError, match="at least 2 items"):
+        mknn(np.zeros((1, 4)), np.zeros((1, 4)), k=1)
+
+
 def test_string_arrays_are_refused_by_the_metrics():
     with pytest.raises(AlignmentInputError, match="numbers"):
         score(np.array([["a"]] * 5), np.ones((5, 1)), "cka")

@@ -96,6 +96,8 @@ def _clipped(A: Tensor, B: Tensor, clip_quantile: float | None, clip_mode: str) 
 
 
 def _check_k(k: int, n: int) -> None:
+    if n < 2:
+        raise AlignmentInputError(f"nearest neighbours need at least 2 items (rows); got {n}")
     if not 1 <= k < n:
         raise AlignmentInputError(f"k must be between 1 and n - 1 = {n - 1} (self excluded); got k={k}")
 
