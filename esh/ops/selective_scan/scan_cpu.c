@@ -37,6 +37,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define W 16
 #define ESH_MAX_N 64
@@ -63,6 +64,24 @@ static inline float esh_exp2f(float x) {
     } scale;
     scale.i = ((int32_t)r + 127) << 23;
     return p * scale.f;
+}
+
+/* W floats as one vector (GCC/Clang vector extensions): the backward's sums over the states
+ * stay in registers instead of going through memory from one state to the next. */
+typedef float v16 __attribute__((vector_size(W * sizeof(float))));
+
+static inline v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+static inline float sum16(v16 v) {
+    float s = 0.0f;
+    for (int k = 0; k < W; ++k) s += v[k];
+    return s;
 }
 
 static inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(fminf(x, 20.0f))); }
@@ -254,12 +273,9 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             }
             if (z) { /* out = y silu(z): y recomputed from the state */
                 float yk[W];
-                for (int k = 0; k < W; ++k) yk[k] = D_k[k] * uk[k];
-                for (int64_t n = 0; n < N; ++n) {
-                    const float cn = ct[n];
-#pragma omp simd
-                    for (int k = 0; k < W; ++k) yk[k] += cn * hj[n * W + k];
-                }
+                v16 yv = load16(D_k) * load16(uk);
+                for (int64_t n = 0; n < N; ++n) yv += ct[n] * load16(hj + n * W);
+                store16(yk, yv);
 #pragma omp simd
                 for (int k = 0; k < W; ++k) {
                     const float zk = z[row + k * sd];
@@ -268,24 +284,21 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                     dy[k] *= zk * s;
                 }
             }
+            const v16 dyv = load16(dy), dtuv = load16(dtu), dtv = load16(dt);
+            v16 ddtuv = load16(ddtu), ddtv = load16(ddt);
             for (int64_t n = 0; n < N; ++n) {
-                const float bn = bt[n], cn = ct[n];
-                float sb = 0.0f, sc = 0.0f;
-#pragma omp simd reduction(+ : sb, sc)
-                for (int k = 0; k < W; ++k) {
-                    const float a = aj[n * W + k];
-                    const float gn = g[n][k] + cn * dy[k];
-                    sc += hj[n * W + k] * dy[k];
-                    sb += gn * dtu[k];
-                    ddtu[k] += gn * bn;
-                    const float q = gn * a * hp[n * W + k]; /* dL/d(log a) */
-                    dA_acc[n][k] += q * dt[k];
-                    ddt[k] += q * a2[n][k];
-                    g[n][k] = gn * a;
-                }
-                dBp[t * N + n] = sb;
-                dCp[t * N + n] = sc;
+                const v16 a = load16(aj + n * W);
+                const v16 gn = load16(g[n]) + ct[n] * dyv;
+                dCp[t * N + n] = sum16(load16(hj + n * W) * dyv);
+                dBp[t * N + n] = sum16(gn * dtuv);
+                ddtuv += gn * bt[n];
+                const v16 q = gn * a * load16(hp + n * W); /* dL/d(log a) */
+                store16(dA_acc[n], load16(dA_acc[n]) + q * dtv);
+                ddtv += q * load16(a2[n]);
+                store16(g[n], gn * a);
             }
+            store16(ddtu, ddtuv);
+            store16(ddt, ddtv);
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 float d = ddt[k] * LN2 + ddtu[k] * uk[k];
