@@ -328,6 +328,18 @@ def test_esh_train_checkpoint_embeds_at_its_size(tmp_path):
     torch.testing.assert_close(a.embed(x), expected)
 
 
+def test_checkpoint_written_by_esh_train_works_in_esh_embed(tmp_path, capsys):
+    from esh.cli import main
+
+    data = _npz(tmp_path, 16)
+    argv = ["--model", "mambavision_nano", "--img-size", "32", "--data", data, "--epochs", "1", "--batch-size", "8"]
+    assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "e.npz"
+    embed = ["embed", "--model", "mambavision_nano", "--data", data, "--out", str(out)]
+    assert main([*embed, "--checkpoint", str(tmp_path / "run" / "best.pth")]) == 0
+    assert np.load(out)["embedding"].shape == (16, 256)
+
+
 def test_esh_train_checkpoint_of_another_model_is_refused(tmp_path):
     from esh.errors import InputError
 
