@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from esh._compat import import_timm, import_torchvision
+from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.train.precision import autocast, enable_tf32
 
@@ -32,16 +33,11 @@ def eval_transform(model: nn.Module, img_size: int | None = None, crop_pct: floa
 
 
 def load_image(path: str | os.PathLike):
-    """An RGB PIL image, or a ValueError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """An 8-bit RGB PIL image, or an InputError naming the file (``esh.data.images.load_image``:
+    high-bit-depth pixels scaled, decompression bombs and non-regular files refused)."""
+    from esh.data.images import load_image as _load
 
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
+    return _load(path, "RGB")
 
 
 def imagenet_class_names() -> list[str]:
@@ -66,25 +62,35 @@ def predict(
     amp: bool = False,
     class_names: Sequence[str] | None = None,
     amp_dtype: str | None = None,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
 ) -> list[list[Prediction]]:
-    """Top-k classes with probabilities for each image file. ``amp``: autocast to ``amp_dtype``
-    (default: bfloat16 on CPU and on GPUs that have it, else float16)."""
-    device = torch.device(device)
+    """Top-k classes with probabilities for each image file. ``class_names``: one per output
+    (default: ImageNet's for a 1000-class model, else the indices); ``img_size``/``crop_pct``:
+    see :func:`eval_transform`. ``amp``: autocast to ``amp_dtype`` (default: bfloat16 on CPU and
+    on GPUs that have it, else float16)."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise InputError(f"topk must be a positive number of classes; got {topk!r}")
+    if not images:
+        raise InputError("predict needs at least one image")
+    device = resolve_device(device)
     enable_tf32(device)
     model = model.eval().to(device)
-    transform = eval_transform(model)
+    transform = eval_transform(model, img_size, crop_pct)
     batch = torch.stack([transform(load_image(p)) for p in images]).to(device)
     with autocast(device, amp, amp_dtype):
         probs = model(batch).float().softmax(-1)
     if class_names is None:
         class_names = imagenet_class_names() if probs.shape[-1] == 1000 else [str(i) for i in range(probs.shape[-1])]
+    elif len(class_names) != probs.shape[-1]:
+        raise InputError(f"{len(class_names)} class names for a model with {probs.shape[-1]} outputs")
     values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     return [
         [Prediction(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, idx)] for vs, idx in zip(values, indices)
     ]
 
 
-def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype) -> dict:
+def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype, crop_pct) -> dict:
     """The validation split of a training data spec (``digits``, ``.npz``, ``hf:NAME``), with
     the same loaders as ``esh train`` and the model's evaluation transform."""
     from esh.data.datasets import build_datasets
@@ -93,7 +99,7 @@ def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, i
     num_classes = getattr(model, "num_classes", None) or len(classes)
     if num_classes < len(classes):
         raise InputError(f"{spec} has {len(classes)} classes but the model predicts {num_classes}")
-    val.transform = eval_transform(model, img_size)
+    val.transform = eval_transform(model, img_size, crop_pct)
     return _run_eval(
         model.eval().to(device),
         val,
@@ -108,8 +114,11 @@ def _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, i
     )
 
 
-def _label_map(classes: list[str], num_classes: int) -> list[int]:
-    """Model output index for each folder: ImageNet synsets by name, otherwise in order."""
+def _label_map(classes: list[str], num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:
+    """Model output index for each folder: by name when the model's class names (an esh train
+    checkpoint's) or ImageNet's synsets cover every folder, otherwise in order."""
+    if class_names is not None and len(class_names) == num_classes and set(classes) <= set(class_names):
+        return [list(class_names).index(c) for c in classes]
     info = import_timm().data.ImageNetInfo()
     synsets = {info.index_to_label_name(i): i for i in range(info.num_classes())}
     if num_classes == len(synsets) and all(c in synsets for c in classes):
@@ -134,16 +143,22 @@ def evaluate(
     progress: bool = True,
     img_size: int | None = None,
     amp_dtype: str | None = None,
+    crop_pct: float | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``), or on the
     validation split of a training data spec (``digits``, ``FILE.npz``, ``hf:NAME``). ``amp``:
-    autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have it, else float16)."""
+    autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have it, else float16).
+    ``img_size``/``crop_pct``: see :func:`eval_transform`; ``class_names``: the model's, one per
+    output, to match class folders by name."""
     tv = import_torchvision()
     spec = str(data_dir)
-    device = torch.device(device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
+    device = resolve_device(device)
     enable_tf32(device)
     if spec == "digits" or spec.startswith("hf:") or spec.endswith(".npz"):
-        return _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype)
+        return _evaluate_dataset(model, spec, batch_size, device, amp, workers, progress, img_size, amp_dtype, crop_pct)
     root = Path(data_dir)
     if not root.is_dir():
         raise InputError(f"data directory {root} does not exist")
@@ -155,11 +170,11 @@ def evaluate(
         return load_image(path)
 
     try:
-        dataset = tv.datasets.ImageFolder(str(root), transform=eval_transform(model, img_size), loader=loader)
+        dataset = tv.datasets.ImageFolder(str(root), transform=eval_transform(model, img_size, crop_pct), loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
     num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
-    target_map = torch.tensor(_label_map(dataset.classes, num_classes))
+    target_map = torch.tensor(_label_map(dataset.classes, num_classes, class_names))
     return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress, amp_dtype)
 
 

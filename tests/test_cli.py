@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,7 +71,8 @@ def test_amp_dtype_is_one_flag_that_reaches_every_command_with_amp(monkeypatch, 
     monkeypatch.setattr(esh.embed, "get_adapter", record("embed"))
     monkeypatch.setattr(esh.inference, "evaluate", record("eval"))
     monkeypatch.setattr(esh.inference, "predict", record("predict"))
-    monkeypatch.setattr("esh.cli._common.load_model", lambda args: None)
+    resolved = SimpleNamespace(model=None, name="m", class_names=None, img_size=None, crop_pct=None)
+    monkeypatch.setattr("esh.cli._common.load_model", lambda args: resolved)
     model = ["--model", "mambavision_nano"]
     commands = {
         "train": ["train", "--resume", str(tmp_path)],

@@ -154,3 +154,110 @@ def test_counting_leaves_the_callers_model_untouched():
     info = count_model(model, (3, 32, 32))
     assert info.params == sum(p.numel() for p in model.parameters()) and model.training
     assert all(v.device.type == "cpu" and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _one_line(capsys, argv, *fragments) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"esh {argv[0]}: error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize("topk", ["0", "-1"])
+def test_cli_predict_topk_below_one_is_one_line(image_folder, capsys, topk):
+    image = str(sorted((image_folder / "val" / "n01440764").iterdir())[0])
+    _one_line(capsys, ["predict", "--model", "mambavision_t", "--topk", topk, image], "--topk must be a positive")
+    with pytest.raises(ValueError, match="topk must be a positive"):
+        predict(FixedAnswer(), [image], topk=int(topk))
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "saliency"])
+def test_cli_devices_that_are_not_there_are_one_line(image_folder, capsys, monkeypatch, command):
+    image = str(sorted((image_folder / "val" / "n01440764").iterdir())[0])
+    extra = {"predict": [image], "eval": ["--data", str(image_folder)], "saliency": ["--image", image]}
+    argv = [command, "--model", "esh_vision_nano", *extra[command]]
+    _one_line(capsys, [*argv, "--device", "banana"], "unknown device 'banana'", "cpu, cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line(capsys, [*argv, "--device", "cuda"], "no CUDA GPU", "--device cpu")
+
+
+def test_cli_predict_refuses_an_image_above_the_pixel_limit(image_folder, capsys, monkeypatch):
+    image = str(sorted((image_folder / "val" / "n01440764").iterdir())[0])
+    monkeypatch.setenv("ESH_MAX_IMAGE_PIXELS", "100")  # the 48x40 test image is "too large"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the loader sets PIL's limit too
+    _one_line(capsys, ["predict", "--model", "mambavision_t", image], "decompression", "ESH_MAX_IMAGE_PIXELS")
+
+
+def test_cli_predict_refuses_a_fifo_instead_of_waiting_on_it(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    _one_line(capsys, ["predict", "--model", "mambavision_t", str(fifo)], "not a regular file")
+
+
+def test_cli_export_without_onnx_names_the_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    out = tmp_path / "m.onnx"
+    _one_line(capsys, ["export", "--model", "mambavision_t", "--out", str(out)], "pip install 'esh[onnx]'")
+    assert not out.exists()
+
+
+def test_esh_vision_onnx_export_is_refused_up_front_naming_the_operator(tmp_path, capsys, monkeypatch):
+    import time
+
+    traced = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: traced.append(1))
+    out = tmp_path / "nano.onnx"
+    start = time.perf_counter()
+    err = _one_line(capsys, ["export", "--model", "esh_vision_nano", "--out", str(out)], "aten::unique_consecutive")
+    assert "esh_vision_nano cannot be exported to ONNX" in err and "--format torchscript" in err
+    assert traced == [] and not out.exists() and time.perf_counter() - start < 20
+
+
+def test_a_failed_export_check_keeps_the_previous_file(tmp_path, monkeypatch):
+    import esh.export
+
+    out = tmp_path / "tiny.pt"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(esh.export, "_run_exported", lambda path, fmt, x: torch.zeros(x.shape[0], 10))
+    with pytest.raises(esh.export.ExportError, match="was not written"):
+        export_model(_tiny(), out, "torchscript", img_size=32)
+    assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["tiny.pt"]
+
+
+def test_export_takes_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        result = export_model(_tiny(), tmp_path / "tiny.pt", "torchscript", img_size=32)
+    finally:
+        os.umask(old)
+    assert result.path.stat().st_mode & 0o777 == 0o644
+
+
+class FixedThreeClasses(nn.Module):
+    """Three outputs; always answers class 2."""
+
+    pretrained_cfg = {**CFG, "num_classes": 3}
+    num_classes = 3
+
+    def forward(self, x):
+        return torch.tensor([0.0, 1.0, 2.0]).expand(x.shape[0], 3)
+
+
+def test_evaluate_matches_class_folders_to_the_models_class_names(tmp_path):
+    _write_images(tmp_path / "eel", 2, 0)  # only one of the three classes, under its own name
+    names = ["cat", "dog", "eel"]
+    result = evaluate(FixedThreeClasses(), tmp_path, progress=False, class_names=names)
+    assert result["top1"] == pytest.approx(100.0) and result["images"] == 2
+    _write_images(tmp_path / "ant", 1, 1)
+    with pytest.raises(ValueError, match="2 class folders"):  # "ant" is not one of the model's classes
+        evaluate(FixedThreeClasses(), tmp_path, progress=False, class_names=names)

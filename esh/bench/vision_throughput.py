@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from esh._compat import import_timm
 from esh.bench.measure import time_call
 from esh.info import count_model
 
@@ -27,14 +26,13 @@ MODES = ("fp32", "channels_last", "bf16")
 
 
 def build(name: str, img_size: int | None = None) -> torch.nn.Module:
-    """An esh or timm model; ``img_size`` rebuilds position-embedded models for that size."""
-    from esh.models import create_model, is_model
+    """An esh or timm model (``esh.models.resolve.build_model``); ``img_size`` rebuilds
+    position-embedded models for that size; a timm name ending in ``+eager`` writes its
+    attention out."""
+    from esh.models.resolve import build_model
 
-    kwargs = {} if img_size is None else {"img_size": img_size}
-    if is_model(name):
-        return create_model(name, **kwargs).eval()
     eager = name.endswith(EAGER)
-    model = import_timm().create_model(name.removesuffix(EAGER), pretrained=False, **kwargs).eval()
+    model = build_model(name.removesuffix(EAGER), img_size=img_size).eval()
     for m in model.modules():
         if eager and hasattr(m, "fused_attn"):
             m.fused_attn = False

@@ -1,4 +1,5 @@
-"""What the ``esh`` commands share: the model arguments, ``--amp``, ``KEY=VALUE`` model arguments."""
+"""What the ``esh`` commands share: how a command gets its model (one resolver), ``--device``,
+``--amp``, ``KEY=VALUE`` model arguments."""
 
 from __future__ import annotations
 
@@ -9,12 +10,38 @@ from esh.errors import InputError
 
 
 def load_model(args: argparse.Namespace):
-    from esh.models import create_model
+    """The model a command was asked for (``esh.models.resolve.resolve_model``): ``--model``, or
+    the one an ``esh train`` checkpoint records, with its classes, class names and input size."""
+    from esh.models.resolve import resolve_model
 
-    kwargs = {}
-    if getattr(args, "num_classes", None) is not None:
-        kwargs["num_classes"] = args.num_classes
-    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
+    check_positive(args, "num_classes", "img_size")
+    return resolve_model(
+        args.model,
+        checkpoint_path=args.checkpoint,
+        pretrained=args.pretrained,
+        num_classes=getattr(args, "num_classes", None),
+        img_size=getattr(args, "img_size", None),
+        **parse_model_args(getattr(args, "model_arg", None) or ()),
+    )
+
+
+def device(args: argparse.Namespace):
+    """``--device`` read once for every command (``esh.devices.resolve_device``)."""
+    from esh.devices import resolve_device
+
+    return resolve_device(args.device)
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """An InputError naming the option when one of ``names`` was given as zero or less."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+
+
+def add_device_argument(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N, mps or auto (default: {default})")
 
 
 def add_amp_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -44,11 +71,29 @@ def parse_model_args(items: Sequence[str]) -> dict:
     return kwargs
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--checkpoint``, ``--pretrained``, ``--device`` and ``--amp``: how a command
-    that runs a model gets it."""
-    p.add_argument("--model", required=True, help="a name from `esh models`")
-    p.add_argument("--checkpoint", help="weights: the authors' released file or an esh checkpoint")
+def add_model_arguments(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    """``--model``, ``--checkpoint``, ``--pretrained``, ``--num-classes``, ``--img-size``,
+    ``--model-arg``, and for a command that runs the model (``runs``) ``--device`` and ``--amp``:
+    how a command gets its model."""
+    p.add_argument("--model", help="a name from `esh models` or a timm model (default: the checkpoint's)")
+    p.add_argument(
+        "--checkpoint",
+        help="weights: the authors' released file or an esh checkpoint (esh train's best.pth: its model, "
+        "classes and input size are used)",
+    )
     p.add_argument("--pretrained", action="store_true", help="download the released weights (needs network)")
-    p.add_argument("--device", default="cpu")
-    add_amp_arguments(p, "mixed-precision inference")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="classifier outputs (default: the checkpoint's); another number starts a new head",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        help="input size; position-embedded models (Vim) are built for it (default: the checkpoint's training "
+        "size, else the model's own)",
+    )
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="extra builder argument")
+    if runs:
+        add_device_argument(p)
+        add_amp_arguments(p, "mixed-precision inference")

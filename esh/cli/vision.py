@@ -26,13 +26,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from esh.inference import predict
 
+    _common.check_positive(args, "topk")
+    device = _common.device(args)
+    resolved = _common.load_model(args)
     results = predict(
-        _common.load_model(args),
+        resolved.model,
         args.images,
         topk=args.topk,
-        device=args.device,
+        device=device,
         amp=args.amp,
         amp_dtype=args.amp_dtype,
+        class_names=resolved.class_names,
+        img_size=resolved.img_size,
+        crop_pct=resolved.crop_pct,
     )
     for path, preds in zip(args.images, results):
         print(path)
@@ -44,10 +50,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from esh.inference import evaluate
 
-    model = _common.load_model(args)
+    _common.check_positive(args, "batch_size")
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more; got {args.workers}")
+    device = _common.device(args)
+    resolved = _common.load_model(args)
+    model = resolved.model
     if args.routing is not None:  # ESH models: evaluate the blend, or the hard routing with real savings
         if not hasattr(model, "set_routing"):
-            raise InputError(f"--routing needs a model with α routing (esh_vision_*); {args.model} has none")
+            raise InputError(f"--routing needs a model with α routing (esh_vision_*); {resolved.name} has none")
         model.set_routing(args.routing, attention_fraction=args.attention_fraction, exclusive=args.exclusive)
     elif args.attention_fraction is not None or args.exclusive:
         raise InputError("--attention-fraction and --exclusive go with --routing hard")
@@ -55,13 +66,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model,
         args.data,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         amp=args.amp,
         workers=args.workers,
-        img_size=args.img_size,
+        img_size=resolved.img_size,
         amp_dtype=args.amp_dtype,
+        crop_pct=resolved.crop_pct,
+        class_names=resolved.class_names,
     )
-    print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images")
+    size = f" at {resolved.img_size}px" if resolved.img_size else ""
+    print(
+        f"{resolved.name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images{size}"
+    )
     return 0
 
 
@@ -75,8 +91,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from esh.export import export_model
 
-    model = _common.load_model(args)
-    result = export_model(model, args.out, args.format, img_size=args.img_size, batch_size=args.batch_size)
+    _common.check_positive(args, "batch_size")
+    resolved = _common.load_model(args)
+    result = export_model(resolved.model, args.out, args.format, img_size=resolved.img_size, batch_size=args.batch_size)
     shape = "x".join(map(str, result.input_shape))
     diff = f"max relative difference to eager {result.max_rel_diff:.1e}"
     print(f"wrote {result.path} ({result.format}, input {shape}); {diff}")
@@ -88,16 +105,12 @@ def _cmd_saliency(args: argparse.Namespace) -> int:
 
     if args.demo == bool(args.image):
         raise InputError("give either --image IMG or --demo")
+    _common.check_positive(args, "img_size")
+    device = _common.device(args)
     if args.demo:
-        try:
-            paths = demo(
-                args.out or "saliency_demo", args.model, args.checkpoint, args.per_block, args.img_size, args.device
-            )
-        except ImportError as e:  # scikit-image, which ships the photographs, is an optional extra
-            print(f"esh saliency: error: {e}", file=sys.stderr)
-            return 2
+        paths = demo(args.out or "saliency_demo", args.model, args.checkpoint, args.per_block, args.img_size, device)
     else:
-        model, info = load_saliency_model(args.model, args.checkpoint, args.pretrained, args.device)
+        model, info = load_saliency_model(args.model, args.checkpoint, args.pretrained, device)
         out = args.out or f"{Path(args.image).stem}_saliency.png"
         paths = [save_saliency(model, info, args.image, out, per_block=args.per_block, img_size=args.img_size)]
     for path in paths:
@@ -110,10 +123,10 @@ def add_parsers(sub) -> None:
     models.add_argument("pattern", nargs="?", help="wildcard or substring, e.g. 'mambavision*' or 'vim'")
     models.set_defaults(func=_cmd_models)
 
-    predict = sub.add_parser("predict", help="top-k ImageNet classes of images")
+    predict = sub.add_parser("predict", help="top-k classes of images (the checkpoint's names, else ImageNet's)")
     add_model_arguments(predict)
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--topk", type=int, default=5, help="classes shown per image (default: 5)")
     predict.set_defaults(func=_cmd_predict)
 
     evaluate = sub.add_parser("eval", help="top-1/top-5 accuracy on an ImageFolder directory")
@@ -121,8 +134,6 @@ def add_parsers(sub) -> None:
     evaluate.add_argument("--data", required=True, help="DIR/<class>/<image> (or DIR/val/<class>/...)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--workers", type=int, default=0)
-    evaluate.add_argument("--img-size", type=int, help="evaluate at another resolution")
-    evaluate.add_argument("--num-classes", type=int, help="for checkpoints with another head")
     evaluate.add_argument(
         "--routing", choices=("soft", "hard"), help="ESH models: the trained α blend, or hard per-patch routing"
     )
@@ -141,11 +152,10 @@ def add_parsers(sub) -> None:
     info.add_argument("--img-size", type=int, help="default: the model's native resolution")
     info.set_defaults(func=_cmd_info)
 
-    export = sub.add_parser("export", help="ONNX or TorchScript, checked against eager after writing")
-    add_model_arguments(export)
+    export = sub.add_parser("export", help="ONNX or TorchScript (traced on the CPU), checked against eager")
+    add_model_arguments(export, runs=False)
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True)
-    export.add_argument("--img-size", type=int, help="default: the model's native resolution")
     export.add_argument("--batch-size", type=int, default=1)
     export.set_defaults(func=_cmd_export)
 
@@ -158,5 +168,5 @@ def add_parsers(sub) -> None:
     saliency.add_argument("--out", help="PNG (default IMAGE_saliency.png), or with --demo a folder (saliency_demo)")
     saliency.add_argument("--per-block", action="store_true", help="also one map per block, not only per stage")
     saliency.add_argument("--img-size", type=int, help="model input size (default: the model's or the checkpoint's)")
-    saliency.add_argument("--device", default="cpu")
+    _common.add_device_argument(saliency)
     saliency.set_defaults(func=_cmd_saliency)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from esh._io import atomic_write
+from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.inference import eval_transform, load_image
 
@@ -94,8 +95,9 @@ def _check_routing(model: nn.Module) -> None:
     if not callable(getattr(model, "forward_with_aux", None)):
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         raise InputError(
-            f"{name} has no α routing to show (no forward_with_aux); saliency needs a model that routes "
-            "patches between attention and Mamba, e.g. esh_vision_nano or esh_vision_tiny"
+            f"{name} has no α routing to show: saliency needs an ESH-Vision model, which routes patches "
+            "between attention and Mamba. Train one with `esh train --model esh_vision_nano --out runs/esh` "
+            "and pass --checkpoint runs/esh/best.pth (or --model esh_vision_nano for untrained weights)"
         )
 
 
@@ -280,32 +282,9 @@ def render_saliency(
     if title:
         fig.suptitle(title, fontsize=10)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, metadata={"Title": title or "", "Software": "esh saliency"})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out, "wb") as f:  # the user's umask, and no half-written PNG on failure
+        fig.savefig(f, format="png", dpi=dpi, metadata={"Title": title or "", "Software": "esh saliency"})
     return out
-
-
-def _checkpoint_facts(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
-    """What an ``esh train`` checkpoint records about its model (architecture name, classes,
-    builder arguments, input size); empty for other checkpoint files."""
-    from esh.models._checkpoint import read_checkpoint
-
-    ckpt = read_checkpoint(checkpoint_path)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return {
-        "arch": ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None,
-        "num_classes": ckpt.get("num_classes") if isinstance(ckpt.get("num_classes"), int) else None,
-        "classes": list(ckpt["classes"]) if isinstance(ckpt.get("classes"), (list, tuple)) else None,
-        "model_kwargs": dict(config.get("model_kwargs") or {}),
-        "img_size": config.get("img_size"),
-    }
 
 
 def load_saliency_model(
@@ -314,40 +293,28 @@ def load_saliency_model(
     pretrained: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a model for ``alpha_maps``; an ``esh train`` checkpoint supplies the model name
-    (when ``model_name`` is None), its number of classes, class names, builder arguments and
-    input size. Returns the model (eval mode, on ``device``) and a dict with ``name``,
-    ``weights`` (a description, or None for untrained weights), ``class_names``, ``img_size``."""
-    from esh.models import create_model
+    """Build a model for ``alpha_maps`` (``esh.models.resolve.resolve_model``): an ``esh train``
+    checkpoint supplies the model name (when ``model_name`` is None), its number of classes,
+    class names, builder arguments and input size. Returns the model (eval mode, on ``device``)
+    and a dict with ``name``, ``weights`` (a description, or None for untrained weights),
+    ``class_names``, ``img_size``."""
+    from esh.models.resolve import resolve_model
 
-    facts: dict[str, Any] = {"arch": None, "num_classes": None, "classes": None, "model_kwargs": {}, "img_size": None}
-    if checkpoint_path is not None:
-        facts = _checkpoint_facts(checkpoint_path)
-    name = model_name or facts["arch"]
-    if name is None:
-        raise InputError(
-            "name the model (--model NAME): "
-            + ("the checkpoint does not record one" if checkpoint_path else "no checkpoint was given")
-        )
-    if facts["arch"] is not None and model_name is not None and facts["arch"] != model_name:
-        raise InputError(f"{checkpoint_path} holds a {facts['arch']} trained by esh train, not a {model_name}")
-    kwargs = dict(facts["model_kwargs"])
-    if facts["num_classes"] is not None:
-        kwargs["num_classes"] = facts["num_classes"]
-    model = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+    device = resolve_device(device)
+    resolved = resolve_model(model_name, checkpoint_path=checkpoint_path, pretrained=pretrained)
+    model = resolved.model
     _check_routing(model)
-    if checkpoint_path is not None:
-        weights = Path(checkpoint_path).name
-    elif pretrained:
-        weights = "released (pretrained)"
-    else:
-        weights = None
-    class_names = facts["classes"]
-    if class_names is None and weights is not None and getattr(model, "num_classes", None) == 1000:
+    class_names = resolved.class_names
+    if class_names is None and resolved.weights is not None and getattr(model, "num_classes", None) == 1000:
         from esh.inference import imagenet_class_names
 
         class_names = imagenet_class_names()
-    info = {"name": name, "weights": weights, "class_names": class_names, "img_size": facts["img_size"]}
+    info = {
+        "name": resolved.name,
+        "weights": resolved.weights,
+        "class_names": class_names,
+        "img_size": resolved.img_size,
+    }
     return model.eval().to(device), info
 
 
@@ -369,7 +336,7 @@ def save_saliency(
 def demo_photos() -> dict[str, np.ndarray]:
     """Real photographs that ship inside scikit-image's wheel (no download): NASA's astronaut
     and SpaceX's rocket (public domain), the chelsea cat and coffee cup (CC0)."""
-    from esh._compat import require
+    from esh.errors import require
 
     data = require("skimage.data", "demo", "esh saliency --demo")
     return {name: getattr(data, name)() for name in DEMO_PHOTOS}
