@@ -128,3 +128,48 @@ def test_device_stack_figures_run_on_any_device():
     assert memory["unit"] == "GiB peak" and (memory["value"] is None or memory["value"] > 0)
     table = device_stack.format_tables("cpu", vision, [*lm, memory])
     assert "| mambavision_nano | " in table and "esh_small decode, context 8" in table
+
+
+def test_every_benchmark_script_is_an_esh_bench_command():
+    from pathlib import Path
+
+    from esh.cli.bench import BENCHMARKS
+
+    scripts = {p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")}
+    assert scripts and scripts == {module for module, _ in BENCHMARKS.values()}
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ESH_CPU_ALLOCATOR"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[-1]
+
+
+def test_building_the_parser_imports_no_benchmark():
+    code = (
+        "import sys; from esh.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('esh.bench')) or 'none')"
+    )
+    assert _fresh_python(code) == "none"
+
+
+def test_importing_the_benchmarks_leaves_the_allocator_alone():
+    from esh.cli.bench import BENCHMARKS
+
+    modules = ", ".join(f"esh.bench.{module}" for module, _ in BENCHMARKS.values())
+    code = f"import esh.bench, {modules}; from esh import runtime; print(runtime.cpu_allocator_tuned())"
+    assert _fresh_python(code) == "False"
+
+
+def test_esh_bench_hands_its_arguments_to_the_benchmark(capsys):
+    from esh.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "lm-generate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: esh bench lm-generate") and "--new-tokens" in out
+    assert sys.argv[0] != "esh bench lm-generate"  # restored

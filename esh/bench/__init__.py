@@ -1,9 +1,5 @@
-"""Measurement helpers behind ``esh bench`` and the scripts in ``benchmarks/``.
-
-Importing this package tunes glibc's allocator for eager PyTorch (:mod:`esh.runtime`), as
-the ``esh`` command does: benchmark figures are those a user of the command gets.
+"""Measurement helpers behind ``esh bench`` and the scripts in ``benchmarks/``, one module per
+benchmark. Importing them changes nothing in the process: ``esh bench`` and the scripts call
+:func:`esh.runtime.tune_cpu_allocator` when they start, so the figures are those a user of the
+``esh`` command gets.
 """
-
-from esh.runtime import tune_cpu_allocator
-
-tune_cpu_allocator()

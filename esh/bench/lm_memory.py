@@ -82,7 +82,8 @@ def run(
     rows = []
     for size, ckpt, bf16 in itertools.product(sizes, (False, True), (False, True)):
         code = (
-            f"import json, torch; torch.set_num_threads({threads}); from esh.bench.lm_memory import measure_case; "
+            f"import json, torch; torch.set_num_threads({threads}); from esh.runtime import tune_cpu_allocator; "
+            "tune_cpu_allocator(); from esh.bench.lm_memory import measure_case; "
             f"print(json.dumps(measure_case({size!r}, {ckpt}, {bf16}, {batch}, {block}, {device!r})))"
         )
         proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
