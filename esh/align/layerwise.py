@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from esh._io import atomic_write
+
 from .metrics import score
 
 
@@ -47,8 +49,7 @@ def save_heatmap(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

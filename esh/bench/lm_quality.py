@@ -30,9 +30,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from esh._io import write_text
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.errors import InputError
-from esh.train.lm import Trainer, TrainingConfig
+from esh.train.lm import LMTrainConfig, LMTrainer
 
 MODELS = ("esh", "gpt", "mamba")
 ESH_ARCH = dict(d_model=128, n_layers=3, n_heads=4, n_experts=4, expert_hidden=40)
@@ -65,9 +66,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - sum(tables), "active": total}
 
 
-def recipe(max_steps: int, seed: int) -> TrainingConfig:
+def recipe(max_steps: int, seed: int) -> LMTrainConfig:
     """nanoGPT's CPU recipe (facts: the tiny-LM anchor), evaluation at the end only."""
-    return TrainingConfig(
+    return LMTrainConfig(
         lr=1e-3,
         min_lr=1e-4,
         warmup_steps=100,
@@ -111,7 +112,7 @@ def train_one(
     if eval_windows and eval_windows < len(eval_set):
         eval_set = Subset(eval_set, torch.linspace(0, len(eval_set) - 1, eval_windows).long().tolist())
     eval_loader = DataLoader(eval_set, batch_size=eval_batch)
-    trainer = Trainer(model, train_loader, cfg, eval_loader)
+    trainer = LMTrainer(model, train_loader, cfg, eval_loader)
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
@@ -170,14 +171,20 @@ def run(
             rows.append(row)
             print_fn(json.dumps(row))
             if out:
-                with open(out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(out, row)
     print_fn(
         f"char-level Shakespeare ({len(data.train):,} train / {len(data.val):,} validation characters), "
         f"{max_steps} steps x 12 x 64 tokens, {torch.get_num_threads()} threads"
     )
     print_fn(format_table(rows))
     return rows
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """Add one JSON line to ``path``: the file with the new line replaces the old one, so a
+    killed run never leaves half a line."""
+    before = Path(path).read_text() if Path(path).is_file() else ""
+    write_text(path, before + json.dumps(row) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
