@@ -1,23 +1,34 @@
 """Training images per second of each esh vision family next to a timm model of similar
 size, measured in the same run: forward, backward and an AdamW step, float32 (and bfloat16
-autocast), random data at the esh model's default input size (the peer gets the same)."""
+autocast), random data at the esh model's default input size (the peer gets the same).
+
+Every (model, mode) is built and warmed up first; then each round times one training step of
+every (model, mode) in turn, so that a busy or throttling machine slows all of them alike,
+and each figure is the median over the rounds."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from esh.bench.measure import time_call
 from esh.bench.vision_throughput import build
+from esh.errors import InputError
 
 # (esh model, timm model of similar size)
-PAIRS = (("mambavision_nano", "mobilenetv3_small_100"), ("mambavision_t", "convnext_tiny"))
+PAIRS = (
+    ("mambavision_nano", "mobilenetv3_small_100"),
+    ("mambavision_t", "convnext_tiny"),
+    ("vim_tiny", "deit_tiny_patch16_224"),
+    ("esh_vision_tiny", "deit_small_patch16_224"),
+)
 
 
-def train_images_per_s(name: str, batch: int, size: int | None, amp: bool, repeats: int) -> tuple[float, int, int]:
-    """(images/s, input size, parameters) of training ``name`` from a fresh model."""
+def training_step(name: str, batch: int, size: int | None, amp: bool) -> tuple[Callable[[], None], int, int]:
+    """(one training step of a fresh ``name`` on fixed random data, input size, parameters)."""
     model = build(name).train()
     if size is None:
         size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
@@ -33,46 +44,81 @@ def train_images_per_s(name: str, batch: int, size: int | None, amp: bool, repea
         opt.zero_grad(set_to_none=True)
 
     params = sum(p.numel() for p in model.parameters())
-    return batch / time_call(step, repeats=repeats, warmup=1), size, params
+    return step, size, params
 
 
 def run(
     pairs: Sequence[tuple[str, str]] = PAIRS,
-    batch: int = 16,
+    batch: int = 8,
     threads: int | None = 2,
     repeats: int = 3,
+    bf16: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> list[tuple]:
+    """Rows (pair's esh model, model, input size, parameters, img/s fp32, img/s bf16 or None)."""
     if threads:
         torch.set_num_threads(threads)
-    rows = []
+    modes = (False, True) if bf16 else (False,)
+    steps, info = {}, {}
     for ours, peer in pairs:
         size = None  # the esh model's default input size, used for its peer too
         for name in (ours, peer):
-            fp32, size, params = train_images_per_s(name, batch, size, False, repeats)
-            bf16, _, _ = train_images_per_s(name, batch, size, True, repeats)
-            rows.append((ours, name, size, params, fp32, bf16))
+            for amp in modes:
+                steps[ours, name, amp], size, params = training_step(name, batch, size, amp)
+                steps[ours, name, amp]()  # warm-up
+            info[ours, name] = (size, params)
+    seconds: dict[tuple, list[float]] = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            seconds[key].append(time.perf_counter() - t0)
+    ips = {key: batch / statistics.median(ts) for key, ts in seconds.items()}
+    rows = [
+        (ours, name, *info[ours, name], ips[ours, name, False], ips.get((ours, name, True)))
+        for ours, peer in pairs
+        for name in (ours, peer)
+    ]
     lines = [
-        f"training throughput (forward + backward + AdamW step), batch {batch}, {torch.get_num_threads()} threads",
+        f"training throughput (forward + backward + AdamW step), batch {batch}, {torch.get_num_threads()} threads, "
+        f"median of {repeats} interleaved rounds",
         "| family pair | model | input | params | train img/s fp32 | vs peer | train img/s bf16 autocast |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     peers = {r[0]: r[4] for r in rows if r[1] != r[0]}
-    for ours, name, size, params, fp32, bf16 in rows:
+    for ours, name, size, params, fp32, amp in rows:
         ratio = f"{fp32 / peers[ours]:.2f}x" if name == ours else "1.00x"
-        lines.append(f"| {ours} | {name} | {size}² | {params / 1e6:.1f}M | {fp32:.1f} | {ratio} | {bf16:.1f} |")
+        amp_text = "-" if amp is None else f"{amp:.1f}"
+        lines.append(f"| {ours} | {name} | {size}² | {params / 1e6:.1f}M | {fp32:.1f} | {ratio} | {amp_text} |")
     print_fn("\n".join(lines))
     return rows
 
 
+def _pair_names() -> list[str]:
+    return [ours for ours, _ in PAIRS]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median per model)")
+    parser.add_argument(
+        "--pairs", nargs="+", metavar="ESH_MODEL", help=f"only these pairs, named by their esh model: {_pair_names()}"
+    )
+    parser.add_argument("--no-bf16", action="store_true", help="float32 only")
+
+
+def select_pairs(names: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
+    if not names:
+        return PAIRS
+    unknown = [n for n in names if n not in _pair_names()]
+    if unknown:
+        raise InputError(f"--pairs: unknown pair {unknown[0]!r}; expected some of {_pair_names()}")
+    return tuple(p for p in PAIRS if p[0] in names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    run(batch=args.batch_size, threads=args.threads or None, repeats=args.repeats)
+    run(select_pairs(args.pairs), args.batch_size, args.threads or None, args.repeats, not args.no_bf16)
