@@ -13,7 +13,7 @@ import esh
 from esh.models import mambavision as mv
 from esh.models._checkpoint import CheckpointError
 
-# parameters and state-dict entries of the official models (facts/mambavision.md, table 1.3)
+# parameters and state-dict entries of the official models
 OFFICIAL = {
     "mambavision_t": (31_794_248, 252),
     "mambavision_t2": (35_104_008, 298),

@@ -14,7 +14,7 @@ from esh.models import vim
 from esh.models._checkpoint import CheckpointError
 from esh.ops import selective_scan_reference
 
-OFFICIAL = {  # parameters, state-dict tensors (facts/vim.md)
+OFFICIAL = {  # parameters, state-dict tensors of the released files
     "vim_tiny": (7_148_008, 415),
     "vim_tiny_s8": (7_250_344, 415),
     "vim_small": (25_796_584, 415),
@@ -133,6 +133,36 @@ def test_resize_is_identity_on_the_same_grid_and_keeps_a_constant_grid():
     const = torch.ones(1, 17, 4)
     out = vim.resize_pos_embed(const, (4, 4), (6, 6))
     assert out.shape == (1, 37, 4) and torch.allclose(out, torch.ones_like(out), atol=1e-5)
+
+
+def test_img_size_builds_vim_for_that_size_and_resizes_a_224_checkpoint(tmp_path):
+    src = esh.create_model("vim_tiny", depth=2)
+    _official_file(tmp_path / "t.pth", src)
+    model = esh.create_model("vim_tiny", img_size=64, depth=2, checkpoint_path=str(tmp_path / "t.pth")).eval()
+    assert model.stride == 16 and model.grid == (4, 4) and model.pos_embed.shape[1] == 17
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.raises(ValueError, match=r"built for inputs \(batch, 3, 64, 64\).*img_size"):
+        model(torch.randn(1, 3, 224, 224))
+
+
+def test_a_stride_8_file_at_another_size_builds_the_stride_8_model(tmp_path):
+    src = esh.create_model("vim_tiny_s8", depth=2)
+    _official_file(tmp_path / "s8.pth", src)
+    model = esh.create_model("vim_tiny", img_size=64, depth=2, checkpoint_path=str(tmp_path / "s8.pth"))
+    assert model.stride == 8 and model.grid == (7, 7)
+    torch.testing.assert_close(model.layers[1].mixer.A_log, src.layers[1].mixer.A_log)
+
+
+def test_the_checkpoint_file_is_read_once(tmp_path, monkeypatch):
+    from esh.models import _builder
+
+    _official_file(tmp_path / "t.pth", esh.create_model("vim_tiny", depth=2))
+    reads = []
+    real = _builder.read_checkpoint
+    monkeypatch.setattr(_builder, "read_checkpoint", lambda path: reads.append(path) or real(path))
+    esh.create_model("vim_tiny", depth=2, checkpoint_path=str(tmp_path / "t.pth"))
+    assert len(reads) == 1
 
 
 def test_mismatched_and_ema_less_files_are_clear_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""ESH-Vision: the entropy-steered hybrid vision backbone (esh's own design; ``facts/esh.md``).
+"""ESH-Vision: the entropy-steered hybrid vision backbone (esh's own design).
 
 Image -> patch embedding (4x4, with each patch's pixel-entropy prior) -> four stages of
 ``HybridVisionBlock``s with patch merging between them -> LayerNorm, average pool, head. In
@@ -29,9 +29,10 @@ from esh.layers.hybrid_block import HybridVisionBlock
 from esh.layers.mamba_init import init_dt_proj
 from esh.layers.padding import pad_to_multiple
 from esh.layers.vssm import BidirectionalVSSM
-from esh.models._builder import build_model
-from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
-from esh.models._inputs import check_image_batch
+from esh.models._builder import UnexpectedArgumentError, build_model, call_block, drop_path_rates, vision_cfg
+from esh.models._builder import load_checkpoint as load_weights
+from esh.models._checkpoint import extract_state_dict, strip_prefix
+from esh.models._inputs import check_image_batch, parameter_dtype
 from esh.models._scripting import NotScriptable
 from esh.models.registry import register_model
 
@@ -44,8 +45,9 @@ __all__ = ["ESHVision", "ESHVisionBackbone", "ESHVisionConfig", "checkpoint_filt
 
 @dataclass
 class ESHVisionConfig:
-    """Architecture and routing-loss settings. The defaults are ``esh_vision_small``: 24 hybrid
-    blocks (2, 2, 18, 2) and 1000 classes, the configuration of the design notes."""
+    """Architecture and routing-loss settings. The defaults are ``esh_vision_small``'s
+    architecture (24 hybrid blocks (2, 2, 18, 2), dim 96, 1000 classes) with a stochastic-depth
+    rate of 0.2; the registered ``esh_vision_small`` trains with ``drop_path_rate=0.3``."""
 
     img_size: int = 224  # the native input size (pretrained_cfg); any size works
     in_chans: int = 3
@@ -135,10 +137,7 @@ class ESHVisionStage(nn.Module):
         entropy = histogram_entropy(counts)
         aux = []
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, alpha, cost, attn = torch.utils.checkpoint.checkpoint(blk, x, entropy, use_reentrant=False)
-            else:
-                x, alpha, cost, attn = blk(x, entropy)
+            x, alpha, cost, attn = call_block(blk, x, entropy, checkpointing=self.grad_checkpointing)
             aux.append((alpha, cost, attn))
         return x, counts, aux
 
@@ -153,6 +152,11 @@ class ESHVision(NotScriptable, nn.Module):
     # esh's trainer turns on block-level gradient checkpointing for models that say so
     default_grad_checkpointing = True
 
+    @classmethod
+    def accepted_args(cls) -> set[str]:
+        """The keyword arguments the constructor takes: ``config`` and its fields."""
+        return {"config"} | {f.name for f in dataclasses.fields(ESHVisionConfig)}
+
     def __init__(self, config: ESHVisionConfig | None = None, **overrides):
         super().__init__()
         config = config or ESHVisionConfig()
@@ -161,7 +165,9 @@ class ESHVision(NotScriptable, nn.Module):
         known = {f.name for f in dataclasses.fields(ESHVisionConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(f"ESHVision got unexpected arguments {unknown}; ESHVisionConfig fields are {sorted(known)}")
+            raise UnexpectedArgumentError(
+                f"ESHVision got unexpected arguments {unknown}; ESHVisionConfig fields are {sorted(known)}"
+            )
         cfg = self.config = dataclasses.replace(config, **overrides)
         cfg.depths, cfg.num_heads = tuple(cfg.depths), tuple(cfg.num_heads)
         if len(cfg.depths) != len(cfg.num_heads) or not cfg.depths or min(cfg.depths) < 1:
@@ -173,7 +179,7 @@ class ESHVision(NotScriptable, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(cfg.in_chans, dims[0], cfg.patch_size)
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+        dpr = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         block_kw = dict(
             window_size=cfg.window_size,
             mlp_ratio=cfg.mlp_ratio,
@@ -193,14 +199,13 @@ class ESHVision(NotScriptable, nn.Module):
         self.feature_info = []
         self.block_stage: list[int] = []
         for i, depth in enumerate(cfg.depths):
-            start = sum(cfg.depths[:i])
             self.stages.append(
                 ESHVisionStage(
                     dims[max(i - 1, 0)],
                     dims[i],
                     depth,
                     downsample=i > 0,
-                    drop_path=dpr[start : start + depth],
+                    drop_path=dpr[i],
                     num_heads=cfg.num_heads[i],
                     **block_kw,
                 )
@@ -296,7 +301,7 @@ class ESHVision(NotScriptable, nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> Tensor:
-        return check_image_batch(x, self.in_chans, "ESH-Vision", floating=True)
+        return check_image_batch(x, self.in_chans, "ESH-Vision", parameter_dtype(self.patch_embed))
 
     def _run(self, x: Tensor, stop_after: int | None = None):
         """Stem and stages; yields (stage index, NHWC map) and records the routing statistics."""
@@ -419,7 +424,7 @@ class ESHVision(NotScriptable, nn.Module):
 
 
 class ESHVisionBackbone(ESHVision):
-    """The design notes' API on the same network: ``ESHVisionBackbone(ESHVisionConfig())(x)``
+    """The same network with a dict for output: ``ESHVisionBackbone(ESHVisionConfig())(x)``
     returns ``{"features": logits, "ponder_cost": scalar, "alphas": [per-block α maps]}``.
     Its state dict is the registered models' (``esh_vision_small`` for the default config)."""
 
@@ -435,25 +440,23 @@ def checkpoint_filter_fn(state_dict: dict, model: ESHVision) -> dict[str, Tensor
     return strip_prefix(state, "module.")
 
 
-def load_checkpoint(model: ESHVision, path: str | os.PathLike, variant: str = "ESH-Vision") -> None:
-    load_into(model, checkpoint_filter_fn(read_checkpoint(path), model), variant)
+def load_checkpoint(
+    model: ESHVision, path: str | os.PathLike, variant: str = "ESH-Vision", ignore_classifier: bool = False
+) -> None:
+    """Load an esh checkpoint into ``model`` (``esh.models._builder.load_checkpoint``)."""
+    load_weights(model, path, ignore_classifier=ignore_classifier, what=variant)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "esh configuration, no released weights",
-        **kwargs,
-    }
+    return vision_cfg(
+        **{
+            "pool_size": (7, 7),
+            "crop_pct": 0.9,
+            "first_conv": "patch_embed.proj",
+            "license": "esh configuration, no released weights",
+            **kwargs,
+        }
+    )
 
 
 default_cfgs = _timm.models.generate_default_cfgs(
@@ -482,7 +485,7 @@ def _create_esh_vision(
         variant,
         pretrained,
         checkpoint_path,
-        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant),
+        checkpoint_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3)),
         **{**_ARCHS[variant], **kwargs},
     )

@@ -10,6 +10,7 @@ MambaVisionMixer blocks and then self-attention blocks. Built to the official co
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Sequence
@@ -21,15 +22,16 @@ from esh._compat import import_timm
 from esh.errors import InputError
 from esh.layers import Attention, MambaVisionMixer
 from esh.layers.padding import crop_to, pad_to_multiple
-from esh.models._builder import build_model
-from esh.models._checkpoint import (
-    CheckpointError,
-    extract_state_dict,
-    load_into,
-    read_checkpoint,
-    strip_prefix,
+from esh.models._builder import (
+    UnexpectedArgumentError,
+    build_model,
+    call_block,
+    drop_path_rates,
+    vision_cfg,
 )
-from esh.models._inputs import check_image_batch
+from esh.models._builder import load_checkpoint as load_weights
+from esh.models._checkpoint import extract_state_dict, strip_prefix
+from esh.models._inputs import check_image_batch, parameter_dtype
 from esh.models._scripting import NotScriptable
 from esh.models.registry import register_model
 
@@ -190,10 +192,7 @@ class MambaVisionLayer(nn.Module):
 
     def _run_blocks(self, x: Tensor) -> Tensor:
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = call_block(blk, x, checkpointing=self.grad_checkpointing)
         return x
 
     def forward_blocks(self, x: Tensor) -> Tensor:
@@ -212,7 +211,27 @@ class MambaVisionLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
+_GLOBAL_POOLS = ("avg", "")
+# accepted for compatibility with timm/official call sites and ignored: the model has no
+# position embedding, any input size works
+_IGNORED_ARGS = ("img_size", "resolution", "qk_scale", "bn_eps", "bn_momentum", "scriptable")
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in _GLOBAL_POOLS:
+        raise InputError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+
+
 class MambaVision(NotScriptable, nn.Module):
+    """MambaVision with the timm model surface; inputs of any size (multiples of 32 avoid
+    padding), floating-point images cast to the model's dtype."""
+
+    @classmethod
+    def accepted_args(cls) -> set[str]:
+        """The keyword arguments the constructor takes (its own and the ignored ones)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"} | set(_IGNORED_ARGS)
+
     def __init__(
         self,
         dim: int = 80,
@@ -233,20 +252,19 @@ class MambaVision(NotScriptable, nn.Module):
         **kwargs,
     ):
         super().__init__()
-        # accepted for compatibility with timm/official call sites and ignored: the model
-        # has no position embedding, any input size works
-        for name in ("img_size", "resolution", "qk_scale", "bn_eps", "bn_momentum", "scriptable"):
+        for name in _IGNORED_ARGS:
             kwargs.pop(name, None)
         if kwargs:
-            raise TypeError(f"MambaVision got unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ("avg", ""):
-            raise InputError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+            raise UnexpectedArgumentError(
+                f"MambaVision got unexpected arguments {sorted(kwargs)}; it takes {sorted(self.accepted_args())}"
+            )
+        _check_global_pool(global_pool)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = int(dim * 2 ** (len(depths) - 1))
         self.grad_checkpointing = False
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.patch_embed = PatchEmbed(in_chans=in_chans, in_dim=in_dim, dim=dim)
         self.levels = nn.ModuleList()
         self.feature_info = []
@@ -264,7 +282,7 @@ class MambaVision(NotScriptable, nn.Module):
                     qkv_bias=qkv_bias,
                     drop=drop_rate,
                     attn_drop=attn_drop_rate,
-                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    drop_path=dpr[i],
                     layer_scale=layer_scale,
                     layer_scale_conv=layer_scale_conv,
                 )
@@ -304,13 +322,14 @@ class MambaVision(NotScriptable, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> Tensor:
-        return check_image_batch(x, self.in_chans, "MambaVision")
+        return check_image_batch(x, self.in_chans, "MambaVision", parameter_dtype(self.patch_embed))
 
     def forward_intermediates(
         self,
@@ -411,36 +430,38 @@ def _guess_variant(state: dict[str, Tensor]) -> str | None:
     return None
 
 
-def load_checkpoint(model: MambaVision, path: str | os.PathLike, variant: str = "MambaVision") -> None:
-    state = checkpoint_filter_fn(read_checkpoint(path), model)
-    try:
-        load_into(model, state, variant)
-    except CheckpointError as e:
+def _variant_hint(variant: str):
+    """The sentence a load error ends with when the file fits another released variant."""
+
+    def hint(state: dict[str, Tensor]) -> str:
         guess = _guess_variant(state)
-        hint = f" The file looks like a {guess} checkpoint." if guess and guess != variant else ""
-        raise CheckpointError(f"{e}.{hint}") from None
+        return f"The file looks like a {guess} checkpoint." if guess and guess != variant else ""
+
+    return hint
+
+
+def load_checkpoint(
+    model: MambaVision, path: str | os.PathLike, variant: str = "MambaVision", ignore_classifier: bool = False
+) -> None:
+    """Load an official file or an esh checkpoint into ``model`` (``esh.models._builder.load_checkpoint``)."""
+    load_weights(model, path, ignore_classifier=ignore_classifier, what=variant, load_hint=_variant_hint(variant))
 
 
 # --- configurations -----------------------------------------------------------------------
 def _cfg(hf_hub_id: str | None = None, **kwargs) -> dict:
-    return {
-        "hf_hub_id": hf_hub_id,
-        "hf_hub_filename": "model.safetensors" if hf_hub_id else None,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.conv_down.0",
-        "classifier": "head",
-        "license": "CC-BY-NC-SA-4.0 (weights)",
-        "origin_url": "https://github.com/NVlabs/MambaVision",
-        "paper_ids": "arXiv:2407.08083",
-        **kwargs,
-    }
+    return vision_cfg(
+        **{
+            "hf_hub_id": hf_hub_id,
+            "hf_hub_filename": "model.safetensors" if hf_hub_id else None,
+            "pool_size": (7, 7),
+            "crop_pct": 1.0,
+            "first_conv": "patch_embed.conv_down.0",
+            "license": "CC-BY-NC-SA-4.0 (weights)",
+            "origin_url": "https://github.com/NVlabs/MambaVision",
+            "paper_ids": "arXiv:2407.08083",
+            **kwargs,
+        }
+    )
 
 
 _AT_512 = dict(input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash")
@@ -484,7 +505,7 @@ official_filenames = {
     "mambavision_l3_512_21k": "mambavision_L3_21k_740m_512.pth.tar",
 }
 
-# architectures (facts/mambavision.md table 1.1); the 21K models reuse the 1K ones' shapes
+# architectures (the paper's table of variants); the 21K models reuse the 1K ones' shapes
 _SMALL_HEADS = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(2, 4, 8, 16))
 _LARGE_HEADS = dict(window_size=(8, 8, 14, 7), mlp_ratio=4, num_heads=(4, 8, 16, 32))
 _T = dict(dim=80, in_dim=32, depths=(1, 3, 8, 4), drop_path_rate=0.2, **_SMALL_HEADS)
@@ -523,7 +544,8 @@ def _create_mambavision(
         variant,
         pretrained,
         checkpoint_path,
-        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant),
+        checkpoint_filter_fn=checkpoint_filter_fn,
+        load_hint=_variant_hint(variant),
         feature_cfg=dict(out_indices=(0, 1, 2, 3)),
         official_filename=official_filenames.get(variant),
         **{**_ARCHS[variant], **kwargs},

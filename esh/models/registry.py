@@ -104,8 +104,12 @@ def create_model(
         name: a name from ``list_models()``.
         pretrained: download the released weights (through huggingface_hub, cached).
         checkpoint_path: a local checkpoint to load: the authors' released file unchanged,
-            or one written by esh.
-        **kwargs: architecture overrides, e.g. ``num_classes=10`` or ``img_size=384``.
+            or one written by esh. For the vision models, a checkpoint whose classifier has
+            another number of classes than ``num_classes`` loads everything but that classifier
+            (fine-tuning starts a new head, with a ``ClassifierNote`` warning).
+        **kwargs: architecture overrides, e.g. ``num_classes=10`` or ``img_size=384``; for the
+            vision models also ``ignore_classifier=True`` (load no classifier weights) and
+            timm's ``features_only``/``out_indices``.
     """
     builder = _builders.get(name)
     if builder is None:

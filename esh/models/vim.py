@@ -18,15 +18,10 @@ from torch import Tensor, nn
 from esh._compat import import_timm
 from esh.errors import InputError
 from esh.layers import BiMambaMixer
-from esh.models._builder import build_model
-from esh.models._checkpoint import (
-    CheckpointError,
-    extract_state_dict,
-    load_into,
-    read_checkpoint,
-    strip_prefix,
-)
-from esh.models._inputs import check_image_batch
+from esh.models._builder import build_model, call_block, drop_path_rates, vision_cfg
+from esh.models._builder import load_checkpoint as load_weights
+from esh.models._checkpoint import CheckpointError, extract_state_dict, strip_prefix
+from esh.models._inputs import cast_images, check_image_batch, parameter_dtype
 from esh.models._scripting import NotScriptable
 from esh.models.registry import register_model
 
@@ -68,11 +63,19 @@ class Block(nn.Module):
 
 
 @register_notrace_function  # torch.fx calls it (it branches on the input's shape) and keeps it in graphs
-def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int], patch_size: int, dynamic: bool) -> Tensor:
-    """``x`` must be a (batch, in_chans, *img_size) tensor, the size the position embedding was
-    built for, or with ``dynamic`` any image batch of at least one patch; returns ``x``."""
+def check_vim_input(
+    x: object,
+    in_chans: int,
+    img_size: tuple[int, int],
+    patch_size: int,
+    dynamic: bool,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``x`` must be a (batch, in_chans, *img_size) floating-point tensor, the size the position
+    embedding was built for, or with ``dynamic`` any image batch of at least one patch; returns
+    ``x``, cast to ``dtype`` (the model's) when given and different."""
     if dynamic:
-        check_image_batch(x, in_chans, "Vim")
+        x = check_image_batch(x, in_chans, "Vim", dtype)
         if min(x.shape[-2:]) < patch_size:
             raise InputError(f"Vim needs images of at least one {patch_size}x{patch_size} patch; got {tuple(x.shape)}")
         return x
@@ -84,10 +87,14 @@ def check_vim_input(x: object, in_chans: int, img_size: tuple[int, int], patch_s
             f"Build it for another size with create_model(..., img_size=...): checkpoints' "
             f"position embeddings are resized on load; or with dynamic_img_size=True for any size"
         )
-    return x
+    return cast_images(x, "Vim", dtype)
 
 
 class VisionMamba(NotScriptable, nn.Module):
+    """Vim with the timm model surface. Inputs must be ``img_size`` (the position embedding's
+    grid) unless built with ``dynamic_img_size=True``; floating-point images are cast to the
+    model's dtype."""
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -123,7 +130,7 @@ class VisionMamba(NotScriptable, nn.Module):
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, (depth,))[0]
         self.layers = nn.ModuleList(
             Block(embed_dim, drop_path=dpr[i], eps=norm_epsilon, d_state=d_state) for i in range(depth)
         )
@@ -166,7 +173,8 @@ class VisionMamba(NotScriptable, nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> Tensor:
-        return check_vim_input(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
+        dtype = parameter_dtype(self.patch_embed)
+        return check_vim_input(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size, dtype)
 
     def _embed(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
@@ -194,10 +202,7 @@ class VisionMamba(NotScriptable, nn.Module):
         layers = self.layers if stop_after is None else self.layers[: stop_after + 1]
         hidden, residual, taken = x, None, []
         for i, layer in enumerate(layers):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, use_reentrant=False)
-            else:
-                hidden, residual = layer(hidden, residual)
+            hidden, residual = call_block(layer, hidden, residual, checkpointing=self.grad_checkpointing)
             if i in indices:
                 taken.append(residual + hidden.float())  # the stream after block i
         residual = residual + self.drop_path(hidden).float()
@@ -300,58 +305,64 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionMamba, use_ema: bool = F
         raise CheckpointError("the checkpoint has no EMA weights (model_ema); load it without ema=True")
     state = strip_prefix(extract_state_dict(state_dict, keys), "module.")
     pe = state.get("pos_embed")
-    if pe is not None and pe.shape[1] != model.pos_embed.shape[1]:
-        side = math.isqrt(pe.shape[1] - 1)
-        if side * side != pe.shape[1] - 1:
+    if pe is not None and pe.dim() == 3 and pe.is_floating_point() and pe.shape[1] != model.pos_embed.shape[1]:
+        side = math.isqrt(max(pe.shape[1] - 1, 0))
+        if side < 1 or side * side != pe.shape[1] - 1:
             raise CheckpointError(f"pos_embed of {pe.shape[1]} entries is not a square grid plus a class token")
         state["pos_embed"] = resize_pos_embed(pe, (side, side), model.grid)
     return state
 
 
-def load_checkpoint(model: VisionMamba, path: str, variant: str = "Vim", ema: bool = False) -> None:
-    """Load an official ``.pth`` (``ema=True``: its ``model_ema`` weights) or a state dict."""
-    load_into(model, checkpoint_filter_fn(read_checkpoint(path), model, use_ema=ema), variant)
+def load_checkpoint(
+    model: VisionMamba, path: str, variant: str = "Vim", ema: bool = False, ignore_classifier: bool = False
+) -> None:
+    """Load an official ``.pth`` (``ema=True``: its ``model_ema`` weights) or a state dict
+    (``esh.models._builder.load_checkpoint``)."""
+
+    def filter_fn(state_dict: dict, model: VisionMamba) -> dict[str, Tensor]:
+        return checkpoint_filter_fn(state_dict, model, use_ema=ema)
+
+    load_weights(model, path, ignore_classifier=ignore_classifier, what=variant, filter_fn=filter_fn)
 
 
-def _checkpoint_stride(path: str, img_size: int, patch: int = 16) -> int | None:
-    """Stride 16 or 8, read from the checkpoint's pos_embed length (197 vs 730 at 224)."""
-    obj = read_checkpoint(path)
-    state = extract_state_dict(obj, ("model", "state_dict"))
+def _checkpoint_stride(checkpoint: dict, img_size: int, patch: int = 16) -> int | None:
+    """Stride 16 or 8, read from the checkpoint's pos_embed length (197 vs 730 at 224): the
+    stride whose grid at ``img_size``, else at the released 224, has that many patches."""
+    try:
+        state = extract_state_dict(checkpoint, ("model", "state_dict"))
+    except CheckpointError:
+        return None  # the load reports what the file lacks
     pe = state.get("pos_embed")
-    if pe is None:
+    if pe is None or pe.dim() != 3:
         return None
-    side = math.isqrt(pe.shape[1] - 1)
-    for stride in (16, 8):
-        if (img_size - patch) // stride + 1 == side:
-            return stride
+    side = math.isqrt(max(pe.shape[1] - 1, 0))
+    for size in (img_size, 224):
+        for stride in (16, 8):
+            if (size - patch) // stride + 1 == side:
+                return stride
     return None
 
 
-def _stride_from_checkpoint(path: str, model_kwargs: dict) -> dict:
+def _stride_from_checkpoint(checkpoint: dict, model_kwargs: dict) -> dict:
     """A "+" file builds the stride-8 model, whichever name it is loaded under."""
     img = model_kwargs.get("img_size", 224)
-    stride = _checkpoint_stride(path, img if isinstance(img, int) else img[0])
+    stride = _checkpoint_stride(checkpoint, img if isinstance(img, int) else img[0])
     return model_kwargs if stride is None else {**model_kwargs, "stride": stride}
 
 
 def _cfg(hf_hub_id: str, filename: str, **kwargs) -> dict:
-    return {
-        "hf_hub_id": hf_hub_id,
-        "hf_hub_filename": filename,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "fixed_input_size": True,  # unless built with dynamic_img_size=True
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "origin_url": "https://github.com/hustvl/Vim",
-        "paper_ids": "arXiv:2401.09417",
-        **kwargs,
-    }
+    return vision_cfg(
+        **{
+            "hf_hub_id": hf_hub_id,
+            "hf_hub_filename": filename,
+            "fixed_input_size": True,  # unless built with dynamic_img_size=True
+            "crop_pct": 0.875,
+            "first_conv": "patch_embed.proj",
+            "origin_url": "https://github.com/hustvl/Vim",
+            "paper_ids": "arXiv:2401.09417",
+            **kwargs,
+        }
+    )
 
 
 default_cfgs = _timm.models.generate_default_cfgs(
@@ -360,7 +371,7 @@ default_cfgs = _timm.models.generate_default_cfgs(
         "vim_tiny_s8": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth"),
         "vim_small": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
         "vim_small_s8": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth"),
-        # the base file's name was not seen (facts/vim.md); by analogy with the others
+        # named by analogy with the tiny and small files
         "vim_base": _cfg("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth"),
     }
 )
@@ -379,7 +390,7 @@ def _create_vim(
         variant,
         pretrained,
         checkpoint_path,
-        load_checkpoint=lambda model, path: load_checkpoint(model, path, variant, ema=ema),
+        checkpoint_filter_fn=lambda state_dict, model: checkpoint_filter_fn(state_dict, model, use_ema=ema),
         # the caller's stride wins over the checkpoint's, the checkpoint's over the variant's
         checkpoint_args=None if "stride" in kwargs else _stride_from_checkpoint,
         feature_cfg=dict(out_indices=3),  # the last three blocks, as timm's ViTs
