@@ -380,3 +380,37 @@ def test_lm_generate_reads_the_device_once(tmp_path, capsys, device):
     assert main(["lm", "generate", "--checkpoint", str(tmp_path), "--prompt", "x", "--device", device]) == 2
     err = capsys.readouterr().err
     assert f"{device!r}" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "edit", [{"rng": {}}, {"optimizer": {}}, {"config": None}, {"model": [1, 2]}, {"epoch": "x"}, {"scheduler": 3}]
+)
+def test_a_hand_edited_vision_checkpoint_is_a_clear_error(tmp_path, edit):
+    from esh.models._checkpoint import CheckpointError
+
+    train(_vision_cfg(tmp_path, epochs=1, max_steps=1))
+    last = tmp_path / "run" / "last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, **edit}, last)
+    with pytest.raises(CheckpointError):
+        train(resume=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("edit", [{"epoch_rng": {}}, {"history": 5}, {"global_step": None}, {"rng": {"torch": 1}}])
+def test_a_hand_edited_lm_checkpoint_is_a_clear_error(tmp_path, edit):
+    from esh.data.text import RandomBlockDataset
+    from esh.models._checkpoint import CheckpointError
+    from esh.models.gpt import GPT, GPTConfig
+
+    def trainer():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+        tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(RandomBlockDataset(tokens, 8, num_samples=16, seed=0), batch_size=4)
+        return LMTrainer(model, loader, LMTrainConfig(max_steps=2, out=str(tmp_path), progress=False, device="cpu"))
+
+    trainer().train()
+    last = tmp_path / "last.pth"
+    torch.save({**torch.load(last, weights_only=True), **edit}, last)
+    with pytest.raises(CheckpointError):
+        trainer().load_checkpoint(tmp_path)

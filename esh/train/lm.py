@@ -345,18 +345,24 @@ class LMTrainer:
             else:
                 self.model.load_state_dict(ckpt["model"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(f"{path} does not fit this model: {e}") from None
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.epoch, self.batches_in_epoch = ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]
-        self.history = list(ckpt.get("history", []))
-        self.epoch_rng = ckpt["epoch_rng"]
-        if self.epoch_rng is not None:  # rebuild the data iterator exactly as it was
-            set_rng_state(self.epoch_rng["rng"], self.device)
-            for g, s in zip(_generators(self.train_loader), self.epoch_rng["loader"]):
-                g.set_state(s)
+        try:
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.step, self.epoch = int(ckpt["global_step"]), ckpt["epoch"]
+            self.batches_in_epoch = ckpt["step_in_epoch"]
+            self.history = list(ckpt.get("history", []))
+            self.epoch_rng = ckpt["epoch_rng"]
+            if self.epoch_rng is not None:  # rebuild the data iterator exactly as it was
+                set_rng_state(self.epoch_rng["rng"], self.device)
+                for g, s in zip(_generators(self.train_loader), self.epoch_rng["loader"]):
+                    g.set_state(s)
+            rng = ckpt["rng"]
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path} is a damaged esh training checkpoint ({type(e).__name__}: {e})") from None
+        if self.epoch_rng is not None:
             self._start_epoch(skip=self.batches_in_epoch)
-        set_rng_state(ckpt["rng"], self.device)
+        set_rng_state(rng, self.device)
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()

@@ -51,12 +51,16 @@ SMOKE_TEST = dict(max_steps=4, warmup_steps=1, batch_size=2, block_size=32, eval
 RESUME_FIXED = ("batch_size", "block_size", "grad_accum", "seed")
 
 
+def _check_config(name: str) -> None:
+    if name not in CONFIGS:
+        raise InputError(f"--config must be one of {', '.join(CONFIGS)}; got {name!r}")
+
+
 def model_config(name: str, vocab_size: int, block_size: int, **overrides):
     """The ESHConfig of ``--config NAME`` for a tokenizer of ``vocab_size`` ids."""
     from esh.models import esh_lm
 
-    if name not in CONFIGS:
-        raise InputError(f"--config must be one of {', '.join(CONFIGS)}; got {name!r}")
+    _check_config(name)
     builder = getattr(esh_lm, f"esh_{name}")
     return builder(vocab_size=vocab_size, max_seq_len=max(block_size + 1, 256), **overrides)
 
@@ -124,8 +128,7 @@ def train_lm(
         model_cfg = ESHConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     else:
         cfg = LMTrainConfig(**{**DEFAULTS, **training})
-        if config not in CONFIGS:
-            raise InputError(f"--config must be one of {', '.join(CONFIGS)}; got {config!r}")
+        _check_config(config)
         model_cfg = None
     resolve_device(cfg.device)  # a device this machine lacks fails before the data is read
     if model_cfg is not None and cfg.block_size >= model_cfg.max_seq_len:
