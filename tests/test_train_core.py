@@ -96,6 +96,7 @@ def test_help_derives_every_option_from_the_config_and_shows_its_default(capsys)
     text = " ".join(capsys.readouterr().out.split())
     assert "--epochs EPOCHS epochs (default: 8)" in text
     assert "--label-smoothing LABEL_SMOOTHING label smoothing of the cross-entropy (default: 0.1)" in text
+    assert "--checkpoint CHECKPOINT initial weights (default: none)" in text
     with pytest.raises(SystemExit):
         main(["lm", "train", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -33,10 +33,13 @@ def add_config_arguments(
         default = defaults.get(f.name, f.default)
         if default is dataclasses.MISSING:
             default = None
-        shown = "" if default is None else f" (default: {_show(default)})"
+        text = f.metadata.get("help", "")
+        if default is not None:
+            text += f" (default: {_show(default)})"
+        elif "default" not in text and "when not given" not in text:
+            text += " (default: none)"
         flags = [_option(f.name), *aliases.get(f.name, [])]
         kind = str(f.type).replace(" | None", "").strip()
-        text = f.metadata.get("help", "") + shown
         if kind == "bool":
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind.startswith("tuple["):
