@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from esh._compat import import_timm, import_torchvision
+from esh._compat import import_timm
 from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.train.precision import autocast, enable_tf32
@@ -146,12 +146,14 @@ def evaluate(
     crop_pct: float | None = None,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``), or on the
+    """Top-1 / top-5 accuracy on an ImageFolder directory (``DIR/<class>/<image>``; unreadable
+    images are left out with a warning, as in training), or on the
     validation split of a training data spec (``digits``, ``FILE.npz``, ``hf:NAME``). ``amp``:
     autocast to ``amp_dtype`` (default: bfloat16 on CPU and on GPUs that have it, else float16).
     ``img_size``/``crop_pct``: see :func:`eval_transform`; ``class_names``: the model's, one per
     output, to match class folders by name."""
-    tv = import_torchvision()
+    from esh.data.datasets import ImageFolderDataset
+
     spec = str(data_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
@@ -165,14 +167,8 @@ def evaluate(
     if (root / "val").is_dir() and not any(p.suffix for p in (root / "val").iterdir() if p.is_file()):
         root = root / "val"
     model = model.eval().to(device)
-
-    def loader(path: str):
-        return load_image(path)
-
-    try:
-        dataset = tv.datasets.ImageFolder(str(root), transform=eval_transform(model, img_size, crop_pct), loader=loader)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise InputError(f"{root} is not an ImageFolder directory (one sub-folder of images per class): {e}") from e
+    # unreadable images are left out up front and reported in one warning, as in esh train
+    dataset = ImageFolderDataset(root, transform=eval_transform(model, img_size, crop_pct))
     num_classes = getattr(model, "num_classes", None) or len(dataset.classes)
     target_map = torch.tensor(_label_map(dataset.classes, num_classes, class_names))
     return _run_eval(model, dataset, target_map, root.name, batch_size, device, amp, workers, progress, amp_dtype)

@@ -261,3 +261,10 @@ def test_evaluate_matches_class_folders_to_the_models_class_names(tmp_path):
     _write_images(tmp_path / "ant", 1, 1)
     with pytest.raises(ValueError, match="2 class folders"):  # "ant" is not one of the model's classes
         evaluate(FixedThreeClasses(), tmp_path, progress=False, class_names=names)
+
+
+def test_evaluate_leaves_out_unreadable_images_with_a_warning_as_training_does(image_folder):
+    (image_folder / "val" / "n01440764" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match="unreadable.*empty.jpg"):
+        result = evaluate(FixedAnswer(), image_folder, batch_size=2, progress=False)
+    assert result == {"top1": pytest.approx(40.0), "top5": pytest.approx(100.0), "images": 5}
