@@ -169,3 +169,16 @@ def test_cli_commands_accept_timm_names(timm_checkpoint, images, tmp_path, capsy
     out = tmp_path / "vit.pt"
     assert main(["export", "--checkpoint", str(path), "--format", "torchscript", "--out", str(out)]) == 0
     assert "input 1x3x32x32" in capsys.readouterr().out and out.is_file()
+
+
+def test_released_1000_class_weights_onto_another_head_start_it_new_with_a_one_line_note(images, tmp_path, capsys):
+    torch.manual_seed(0)
+    official = esh.create_model("vim_tiny", img_size=32)
+    torch.save({"model": official.state_dict(), "epoch": 299}, tmp_path / "vim_t_official.pth")
+    _, files = images
+    argv = ["predict", "--model", "vim_tiny", "--img-size", "32", "--checkpoint", str(tmp_path / "vim_t_official.pth")]
+    assert main([*argv, "--num-classes", "3", str(files[0])]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 4  # the image and its 3 classes
+    notes = [line for line in captured.err.splitlines() if line.startswith("esh predict: note:")]
+    assert len(notes) == 1 and "classifier" in notes[0] and "_builder.py" not in captured.err

@@ -5,8 +5,10 @@ eval, info, export, saliency), ``train``, ``data`` (embed, align), ``lm`` and ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from esh._version import __version__
@@ -46,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = args.debug or os.environ.get("ESH_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        with _notes_on_one_line(args.command, debug):
+            return args.func(args)
     except _user_errors() as e:
         # bad input (a missing file, a checkpoint for another model, ...): one clear line
         if debug:
@@ -56,6 +59,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"esh {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _notes_on_one_line(command: str, debug: bool):
+    """Warnings that esh itself issues (a classifier started anew, images left out) printed as
+    one line, ``esh CMD: note: ...``, instead of Python's two (file, line and source); others,
+    and all with ``--debug``, as Python shows them."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if debug or not os.path.abspath(filename).startswith(package):
+            return shown(message, category, filename, lineno, file, line)
+        print(f"esh {command}: note: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _one_line(e: BaseException) -> str:
