@@ -114,13 +114,13 @@ def _load() -> ctypes.CDLL | None:
                 continue
             ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.esh_scan_fwd_f32.restype = None
-            # u, delta, A2, B, C, D, bias, z, softplus, y, h_last, h_init, ckpt, K, batch, L, dim, N, GB, GC,
-            # seq_major, threads
-            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 4 + [i64] * 7 + [cint] * 2
+            # u, delta, A2, B, C, D, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, batch, L, dim, N,
+            # GB, GC, seq_major, threads
+            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 5 + [i64] * 7 + [cint] * 2
             lib.esh_scan_bwd_f32.restype = i64
-            # u, delta, A2, B, C, D, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD, dbias,
-            # dB, dC, dh0, batch, L, dim, N, GB, GC, seq_major, threads
-            lib.esh_scan_bwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
+            # u, delta, A2, B, C, D, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD,
+            # dbias, dB, dC, dh0, batch, L, dim, N, GB, GC, seq_major, threads
+            lib.esh_scan_bwd_f32.argtypes = [ptr] * 9 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
             lib.esh_scan_reduce_f32.restype = None
             lib.esh_scan_reduce_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
             _lib = lib
@@ -245,19 +245,22 @@ class _Inputs:
         return [self.u, self.delta, self.A2, self.B, self.C, self.D, self.bias, self.z, self.h0]
 
     def forward(self, lib, softplus: bool, want_last: bool, K: int | None):
-        """(out (batch, dim, L) float32 in u's layout, the last state if wanted, the checkpoints if K)."""
+        """(out (batch, dim, L) float32 in u's layout, the last state if wanted, and with K (for a
+        backward) the checkpoints and, with z, the output before the gate)."""
         batch, dim, n = self.batch, self.dim, self.n
         y = _new(batch, dim, self.seqlen, self.seq_major)
         last = self.u.new_empty(batch, dim, n) if want_last else None
-        ckpt = None
+        ckpt = y_pre = None
         if K:
             ckpt = self.u.new_empty(batch, -(-self.seqlen // K), dim // BLOCK, n, BLOCK)
+            if self.z is not None:
+                y_pre = _new(batch, dim, self.seqlen, self.seq_major)
         lib.esh_scan_fwd_f32(
-            *(_ptr(t) for t in self.tensors()[:8]), int(softplus), _ptr(y), _ptr(last), _ptr(self.h0),
-            _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc, int(self.seq_major),
-            torch.get_num_threads(),
+            *(_ptr(t) for t in self.tensors()[:8]), int(softplus), _ptr(y), _ptr(y_pre), _ptr(last),
+            _ptr(self.h0), _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc,
+            int(self.seq_major), torch.get_num_threads(),
         )  # fmt: skip
-        return y, last, ckpt
+        return y, last, ckpt, y_pre
 
 
 class SelectiveScanCpu(torch.autograd.Function):
@@ -268,8 +271,8 @@ class SelectiveScanCpu(torch.autograd.Function):
         lib = _load()
         x = _Inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
         K = checkpoint or checkpoint_steps(x.n)
-        y, last, ckpt = x.forward(lib, delta_softplus, True, K)
-        ctx.save_for_backward(*x.tensors(), ckpt)
+        y, last, ckpt, y_pre = x.forward(lib, delta_softplus, True, K)
+        ctx.save_for_backward(*x.tensors(), ckpt, y_pre)
         ctx.meta = (x.batch, x.dim, x.seqlen, x.n, x.gb, x.gc, K, delta_softplus, x.seq_major)
         ctx.like = [(t.dtype, t.dim()) for t in (u, B, C)]
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
@@ -279,7 +282,7 @@ class SelectiveScanCpu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         lib = _load()
-        u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt = ctx.saved_tensors
+        u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt, y_pre = ctx.saved_tensors
         batch, dim, seqlen, n, gb, gc, K, softplus, seq_major = ctx.meta
         need = ctx.needs_input_grad
         blocks = dim // BLOCK
@@ -294,7 +297,7 @@ class SelectiveScanCpu(torch.autograd.Function):
         dC_part = u.new_empty(batch, blocks, seqlen, n)
         dh0 = u.new_empty(batch, dim, n) if need[8] else None
         failed = lib.esh_scan_bwd_f32(
-            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z)), int(softplus), _ptr(dout), _ptr(dlast),
+            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z, y_pre)), int(softplus), _ptr(dout), _ptr(dlast),
             _ptr(ckpt), K, _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part), _ptr(dD_part), _ptr(dbias_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dh0), batch, seqlen, dim, n, gb, gc, int(seq_major),
             torch.get_num_threads(),
@@ -352,6 +355,6 @@ def selective_scan_cpu(
         out, last = SelectiveScanCpu.apply(*inputs, delta_softplus, checkpoint_steps)
         return (out, last) if return_last_state else out
     x = _Inputs(*inputs)  # its shapes were checked with the rest by the dispatcher
-    y, last, _ = x.forward(lib, delta_softplus, return_last_state, None)
+    y, last, _, _ = x.forward(lib, delta_softplus, return_last_state, None)
     out = y.to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
     return (out, last) if return_last_state else out

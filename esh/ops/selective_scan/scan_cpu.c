@@ -17,6 +17,8 @@
  *   Cm               (batch, L, GC, N)    one C per group of dim / GC channels
  *   Dv, bias         (dim) or NULL
  *   z                (batch, L, dim) or NULL: the gate
+ *   y_pre            NULL, or with z, (batch, L, dim) in u's layout: y before the gate, for a backward
+ *                    (which needs it with z)
  *   h_last           (batch, dim, N) or NULL: the final state
  *   h_init           (batch, dim, N) or NULL: the state before the first step (else zero), so
  *                    that a long sequence can be scanned piece by piece
@@ -95,7 +97,8 @@ static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
  * (the two callers below pass them as constants, so each layout gets its own compiled loop). */
 ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
                                 const float *Cm, const float *Dv, const float *bias, const float *z,
-                                int softplus, float *y, float *h_last, const float *h_init, float *ckpt,
+                                int softplus, float *y, float *y_pre, float *h_last, const float *h_init,
+                                float *ckpt,
                                 int64_t K, int64_t nchunks, int64_t L, int64_t dim, int64_t N, int64_t GB,
                                 int64_t GC, int64_t item, const int64_t st, const int64_t sd) {
     const int64_t blocks = dim / W;
@@ -147,6 +150,7 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
             for (int k = 0; k < W; ++k) {
                 const float zk = z[row + k * sd];
                 y[row + k * sd] = acc[k] * zk * sigmoid_f(zk);
+                if (y_pre) y_pre[row + k * sd] = acc[k];
             }
         } else {
             for (int k = 0; k < W; ++k) y[row + k * sd] = acc[k];
@@ -158,7 +162,8 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
 }
 
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                      const float *Dv, const float *bias, const float *z, int softplus, float *y, float *h_last,
+                      const float *Dv, const float *bias, const float *z, int softplus, float *y, float *y_pre,
+                      float *h_last,
                       const float *h_init, float *ckpt, int64_t K, int64_t batch, int64_t L, int64_t dim,
                       int64_t N, int64_t GB, int64_t GC, int seq_major, int nthreads) {
     const int64_t items = batch * (dim / W);
@@ -166,16 +171,16 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t item = 0; item < items; ++item) {
         if (seq_major)
-            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
-                     GC, item, dim, 1);
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, nchunks, L, dim,
+                     N, GB, GC, item, dim, 1);
         else
-            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
-                     GC, item, 1, L);
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, nchunks, L, dim,
+                     N, GB, GC, item, 1, L);
     }
 }
 
 /* Gradients of sum(out * dout) + sum(h_last * dlast), dout (batch, L, dim), dlast (batch, dim, N)
- * or NULL, from the forward's checkpoints (K steps apart). Written:
+ * or NULL, from the forward's checkpoints (K steps apart) and, with z, its y_pre. Written:
  *   du, ddelta, dz (dz only with z)  (batch, L, dim)
  *   dA_part                          (batch, N, dim): summed over the batch by the caller
  *   dD_part, dbias_part              (batch, dim) or NULL: likewise
@@ -189,9 +194,10 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
 /* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
  * scratch could not be allocated. */
 ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
-                               const float *Cm, const float *Dv, const float *bias, const float *z, int softplus,
-                               const float *dout, const float *dlast, const float *ckpt, int64_t K, float *du,
-                               float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part,
+                               const float *Cm, const float *Dv, const float *bias, const float *z,
+                               const float *y_pre, int softplus, const float *dout, const float *dlast,
+                               const float *ckpt, int64_t K, float *du, float *ddelta, float *dz,
+                               float *dA_part, float *dD_part, float *dbias_part,
                                float *dB_part, float *dC_part, float *dh0, int64_t L, int64_t dim, int64_t N,
                                int64_t GB, int64_t GC, int64_t item, const int64_t st, const int64_t sd) {
     const int64_t blocks = dim / W;
@@ -271,16 +277,12 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 ddtu[k] = 0.0f;
                 ddt[k] = 0.0f;
             }
-            if (z) { /* out = y silu(z): y recomputed from the state */
-                float yk[W];
-                v16 yv = load16(D_k) * load16(uk);
-                for (int64_t n = 0; n < N; ++n) yv += ct[n] * load16(hj + n * W);
-                store16(yk, yv);
+            if (z) { /* out = y silu(z), y as the forward kept it */
 #pragma omp simd
                 for (int k = 0; k < W; ++k) {
                     const float zk = z[row + k * sd];
                     const float s = sigmoid_f(zk);
-                    dz[row + k * sd] = dy[k] * yk[k] * s * (1.0f + zk * (1.0f - s));
+                    dz[row + k * sd] = dy[k] * y_pre[row + k * sd] * s * (1.0f + zk * (1.0f - s));
                     dy[k] *= zk * s;
                 }
             }
@@ -327,9 +329,9 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 }
 
 int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                         const float *Dv, const float *bias, const float *z, int softplus, const float *dout,
-                         const float *dlast, const float *ckpt, int64_t K, float *du, float *ddelta, float *dz,
-                         float *dA_part, float *dD_part, float *dbias_part, float *dB_part, float *dC_part,
+                         const float *Dv, const float *bias, const float *z, const float *y_pre, int softplus,
+                         const float *dout, const float *dlast, const float *ckpt, int64_t K, float *du,
+                         float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part, float *dB_part, float *dC_part,
                          float *dh0, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t GB, int64_t GC,
                          int seq_major, int nthreads) {
     const int64_t items = batch * (dim / W);
@@ -337,10 +339,10 @@ int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, co
 #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : failed)
     for (int64_t item = 0; item < items; ++item) {
         if (seq_major)
-            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
                                dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, dim, 1);
         else
-            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
                                dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, 1, L);
     }
     return failed;
