@@ -130,6 +130,8 @@ def test_names_and_sizes_that_do_not_fit_are_one_line_input_errors(vim_checkpoin
     with pytest.raises(InputError, match="num_classes must be an integer >= 0"):
         build_model("test_vit", num_classes=-1)
     assert build_model("test_vit", num_classes=0).num_classes == 0  # features only, for embeddings
+    with pytest.raises(InputError, match="timm's test_resnet does not take a model argument"):
+        build_model("test_resnet", no_such_argument=1)
 
 
 def test_hand_edited_metadata_counts_as_absent(tmp_path):

@@ -96,7 +96,12 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any], img_size: i
             return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
         except TypeError:
             pass
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise InputError(f"timm's {name} does not take a model argument you gave ({e})") from None
 
 
 def _load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, name: str) -> None:
