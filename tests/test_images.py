@@ -181,3 +181,46 @@ def test_scan_refuses_a_folder_without_readable_images(tmp_path):
     (tmp_path / "a" / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match="none of its 1 image files is readable"):
         scan_image_folder(tmp_path)
+
+
+def test_fuzzed_image_files_load_or_fail_with_an_input_error(tmp_path, recwarn):
+    """Seeded random, truncated and bit-flipped files of every format esh reads: each one
+    either loads as an 8-bit RGB image or is an InputError, never another exception."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    originals = []
+    for fmt, img in (
+        ("PNG", Image.fromarray(pixels)),
+        ("JPEG", Image.fromarray(pixels)),
+        ("BMP", Image.fromarray(pixels)),
+        ("GIF", Image.fromarray(pixels).convert("P")),
+        ("TIFF", Image.fromarray(pixels[..., 0].astype(np.float32) / 255)),
+        ("PNG", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)),
+        ("WEBP", Image.fromarray(pixels)),
+    ):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        originals.append(buf.getvalue())
+    loaded = refused = 0
+    for i in range(300):
+        data = bytearray(originals[i % len(originals)])
+        kind = i % 3
+        if kind == 0:  # truncated
+            data = data[: int(rng.integers(0, len(data)))]
+        elif kind == 1:  # bit flips
+            for pos in rng.integers(0, len(data), int(rng.integers(1, 8))):
+                data[pos] ^= 1 << int(rng.integers(0, 8))
+        else:  # random bytes behind a real header
+            data = data[:16] + bytearray(rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8).tobytes())
+        path = tmp_path / f"f{i}.img"
+        path.write_bytes(bytes(data))
+        try:
+            img = load_image(path)
+        except InputError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            refused += 1
+        else:
+            assert img.mode == "RGB"
+            loaded += 1
+    assert refused > 100 and loaded + refused == 300
+    assert not [w for w in recwarn if "PIL" in w.filename]  # PIL's notes on corrupt metadata stay quiet

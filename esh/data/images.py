@@ -131,6 +131,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, draft: bool = Fals
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # corrupt metadata: loads or fails
             with Image.open(path) as img:
                 w, h = img.size
                 if limit is not None and w * h > limit:
