@@ -1,1 +1,2 @@
-"""Data sets and transforms: the embedded default set, ImageFolder, HF datasets."""
+"""Data sets (the embedded digits, ImageFolder, .npz, HF datasets), the one image loader
+(``images``) and the LM corpora and tokenizers."""
