@@ -88,3 +88,22 @@ def test_amp_dtype_is_one_flag_that_reaches_every_command_with_amp(monkeypatch, 
         assert seen.pop(name).get("amp_dtype") is None, name  # unset: the device's default
     with pytest.raises(SystemExit):
         main(["train", "--amp-dtype", "float8"])
+
+
+@pytest.mark.parametrize("error", [MemoryError(), "torch"])
+def test_running_out_of_memory_is_one_line_that_names_the_sizes(error, monkeypatch, capsys):
+    import torch
+
+    import esh.info
+
+    if error == "torch":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB. GPU 0 has ...")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(esh.info, "model_info", fail)
+    assert main(["info", "mambavision_nano", "--img-size", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "out of memory" in err and "--img-size" in err

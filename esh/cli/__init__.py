@@ -56,6 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"esh {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _out_of_memory_errors() as e:  # the sizes the user chose do not fit this machine
+        if debug:
+            raise
+        detail = _one_line(e).split(". ")[0] if str(e) else "the allocation failed"
+        print(
+            f"esh {args.command}: error: out of memory ({detail}); "
+            "try a smaller --batch-size or --img-size, or another --device",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"esh {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -79,6 +89,12 @@ def _notes_on_one_line(command: str, debug: bool):
         yield
     finally:
         warnings.showwarning = shown
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (MemoryError, torch.OutOfMemoryError)
 
 
 def _one_line(e: BaseException) -> str:
