@@ -379,3 +379,17 @@ class _StepRows:
 
     def write(self, row):
         self.rows.append(row)
+
+
+def test_vim_trains_and_evaluates_at_the_size_asked_for(tmp_path):
+    """``--img-size`` builds Vim for that size (its position embedding has one row per patch
+    of that size); the checkpoint records it, so eval runs at the training size by itself."""
+    from esh.models.resolve import resolve_model
+
+    cfg = _cfg(tmp_path, model="vim_tiny", img_size=32, epochs=1, max_steps=1, model_kwargs={"depth": 2})
+    result = train(cfg)
+    resolved = resolve_model(checkpoint_path=result["checkpoint"])
+    assert resolved.name == "vim_tiny" and resolved.img_size == 32
+    assert resolved.model.pos_embed.shape[1] == (32 // 16) ** 2 + 1
+    with torch.no_grad():
+        assert resolved.model(torch.randn(1, 3, 32, 32)).shape == (1, 4)

@@ -25,8 +25,8 @@ from esh._compat import import_timm, require
 from esh._io import atomic_path, clean_stale_temps, write_text
 from esh.data.datasets import build_datasets, collate_check
 from esh.errors import InputError
-from esh.models import create_model
 from esh.models._checkpoint import CheckpointError
+from esh.models.resolve import build_model
 from esh.train.checkpoint import load_training_checkpoint, rng_state, save_torch, seed_everything, set_rng_state
 from esh.train.distributed import close_distributed, init_distributed, wrap_ddp
 from esh.train.lock import OutputLock
@@ -157,27 +157,11 @@ class EpochSampler(Sampler[int]):
 
 
 def _build_model(cfg: VisionTrainConfig, num_classes: int) -> nn.Module:
-    """An esh model by name (an argument it does not take is an InputError naming the close
-    ones), or any timm model."""
-    from esh.models import is_model
-
-    if is_model(cfg.model):
-        return create_model(cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes, **cfg.model_kwargs)
-    timm = import_timm()
-    if not timm.is_model(cfg.model):
-        raise InputError(f"unknown model {cfg.model!r}: not in esh.list_models() nor timm.list_models()")
-    kwargs = dict(num_classes=num_classes, checkpoint_path=cfg.checkpoint or "", **cfg.model_kwargs)
-    try:
-        if cfg.img_size:
-            try:  # models with position embeddings are built for the size; the others take no img_size
-                return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
-            except TypeError:
-                pass
-        return timm.create_model(cfg.model, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise InputError(f"timm's {cfg.model} does not take a model argument you gave ({e})") from None
+    """The model to train, through the resolver every command uses: an esh model by name, else
+    any timm model (its checkpoint read with esh's safe loader), built for ``img_size``."""
+    return build_model(
+        cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes, img_size=cfg.img_size, **cfg.model_kwargs
+    )
 
 
 def _transforms(model: nn.Module, cfg: VisionTrainConfig):
