@@ -117,6 +117,20 @@ def test_a_timm_checkpoint_is_read_with_the_safe_loader(tmp_path):
         build_model("test_resnet", num_classes=4, checkpoint_path=tmp_path / "evil.pth")
 
 
+def test_a_timm_checkpoint_with_another_head_fine_tunes_onto_a_new_one(tmp_path):
+    from esh.models._checkpoint import ClassifierNote
+
+    torch.manual_seed(0)
+    released = import_timm().create_model("test_resnet", num_classes=7)
+    torch.save({"state_dict": released.state_dict()}, tmp_path / "w.pth")
+    with pytest.warns(ClassifierNote, match="classifier"):
+        model = build_model("test_resnet", num_classes=3, checkpoint_path=tmp_path / "w.pth")
+    assert model.get_classifier().out_features == 3
+    body = {k: v for k, v in released.state_dict().items() if not k.startswith("fc.")}
+    for k, v in body.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_names_and_sizes_that_do_not_fit_are_one_line_input_errors(vim_checkpoint):
     path, _ = vim_checkpoint
     with pytest.raises(InputError, match="holds a vim_tiny trained by esh train, not a mambavision_t"):

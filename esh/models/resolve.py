@@ -109,7 +109,8 @@ def _load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, name: str) 
     from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
 
     state = strip_prefix(extract_state_dict(read_checkpoint(path)), "module.")
-    load_into(model, strip_prefix(state, "_orig_mod."), name)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    load_into(model, strip_prefix(state, "_orig_mod."), name, classifier=classifier)
 
 
 def build_model(
