@@ -7,7 +7,7 @@
   token at contexts 128 and 2048, with and (on CUDA) without a CUDA graph of the decode step
   (the graph's capture, three eager steps, is inside the timing, spread over the 32 tokens);
 * the peak memory of one esh_medium training step (bf16 autocast, gradient checkpointing,
-  batch 4 × 1024), against the seed's "fits in 12 GB".
+  batch 4 × 1024), to compare with the 12 GB of a consumer GPU.
 
 Random weights and inputs. Every size is a parameter, so the tests run the same code on a CPU
 with tiny settings.
