@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from esh._compat import import_timm
 from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.train.precision import autocast, enable_tf32
@@ -39,35 +37,17 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _feature_model(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
-    """An esh model, else a timm model, built with ``num_classes=0`` (no classifier)."""
-    from esh.models import create_model, is_model
-
-    if is_model(name):
-        return create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    timm = import_timm()
-    if not timm.is_model(name):
-        raise InputError(f"unknown model {name!r}: neither an esh model (esh models) nor a timm model")
-    if "img_size" in kwargs:
-        try:  # models with position embeddings are built for the size; the others take no img_size
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        except TypeError:
-            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-
-
 def _recorded_build_args(raw: Mapping, name: str, path) -> dict:
-    """The builder arguments an ``esh train`` checkpoint records (``config.model_kwargs`` and
-    ``config.img_size``), after checking that it holds the model asked for (``arch``)."""
-    arch = raw.get("arch")
-    if isinstance(arch, str) and arch and arch != name:
-        raise InputError(f"{path} holds a {arch} trained by esh train, not a {name}")
-    config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
-    kwargs = dict(config["model_kwargs"]) if isinstance(config.get("model_kwargs"), Mapping) else {}
-    size = config.get("img_size")
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        kwargs["img_size"] = size
-    kwargs.pop("num_classes", None)
+    """The builder arguments an ``esh train`` checkpoint records (its ``model_kwargs`` and
+    input size), after checking that it holds the model asked for."""
+    from esh.models.resolve import info_of_checkpoint
+
+    info = info_of_checkpoint(raw)
+    if info.arch is not None and info.arch != name:
+        raise InputError(f"{path} holds a {info.arch} trained by esh train, not a {name}")
+    kwargs = {k: v for k, v in info.model_kwargs.items() if k != "num_classes"}
+    if info.img_size is not None:
+        kwargs["img_size"] = info.img_size
     return kwargs
 
 
@@ -77,18 +57,9 @@ def load_backbone(model: nn.Module, checkpoint: str | os.PathLike | Mapping, nam
     (``pretrained_cfg["classifier"]``, e.g. ``head.weight`` and ``head.bias``); every other key
     must fit. Released files go through the family's ``checkpoint_filter_fn``; files for timm
     models are read with esh's safe loader."""
-    from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
+    from esh.models._builder import load_checkpoint
 
-    raw = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
-    family = type(model).__module__
-    filter_fn = getattr(sys.modules.get(family), "checkpoint_filter_fn", None) if family.startswith("esh.") else None
-    state = filter_fn(raw, model) if filter_fn else strip_prefix(extract_state_dict(raw), "module.")
-    state = strip_prefix(state, "_orig_mod.")
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
-    load_into(model, state, name)
+    load_checkpoint(model, checkpoint, ignore_classifier=True, what=name)
 
 
 class EmbeddingAdapter:
@@ -121,12 +92,13 @@ class EmbeddingAdapter:
         checkpoint's classifier is ignored. Untrained weights are seeded (seed 0), so the same
         name always gives the same model."""
         from esh.models._checkpoint import read_checkpoint
+        from esh.models.resolve import build_model
 
         raw = None if checkpoint_path is None else read_checkpoint(checkpoint_path)
         build_kwargs = {} if raw is None else _recorded_build_args(raw, name, checkpoint_path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = _feature_model(name, pretrained and raw is None, build_kwargs)
+            model = build_model(name, pretrained=pretrained and raw is None, num_classes=0, **build_kwargs)
         if raw is not None:
             load_backbone(model, raw, name)
         return cls(model, name=name, **kwargs)

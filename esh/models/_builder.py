@@ -18,7 +18,7 @@ import difflib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -217,7 +217,7 @@ def _load(
     if filter_fn is not None:
         state = filter_fn(checkpoint, model)
     else:
-        state = strip_prefix(extract_state_dict(checkpoint), "module.")
+        state = strip_prefix(strip_prefix(extract_state_dict(checkpoint), "module."), "_orig_mod.")
     try:
         load_into(model, state, what, classifier=classifier, ignore_classifier=ignore_classifier)
     except CheckpointError as e:
@@ -229,25 +229,31 @@ def _load(
 
 def load_checkpoint(
     model: nn.Module,
-    path: str | os.PathLike,
+    checkpoint: str | os.PathLike | Mapping,
     *,
     ignore_classifier: bool = False,
     what: str | None = None,
     load_hint: Callable[[dict[str, Tensor]], str] | None = None,
     filter_fn: Callable[[dict, nn.Module], dict[str, Tensor]] | None = None,
 ) -> nn.Module:
-    """Load a checkpoint file into a built esh vision model (returns the model).
+    """Load a checkpoint (a file, or the dict already read from one) into a built model
+    (returns the model).
 
-    The file is mapped by the ``checkpoint_filter_fn`` of the model's family (the authors'
-    files and esh's own load alike). ``ignore_classifier=True`` loads everything but the
-    classifier, whatever its shape: what an embedding adapter or a fine-tuning script wants.
-    Without it, a classifier of another number of classes is dropped with a note and every
-    other key must fit. Failures are one-line ``CheckpointError``s. ``filter_fn`` replaces the
-    family's mapping; ``load_hint`` adds a sentence to a load error (see ``build_model``).
+    An esh model's file is mapped by the ``checkpoint_filter_fn`` of its family (the authors'
+    files and esh's own alike); any other model's (timm's) is read as a state dict, with
+    ``module.`` / ``_orig_mod.`` prefixes removed. ``ignore_classifier=True`` loads everything
+    but the classifier (``pretrained_cfg["classifier"]``), whatever its shape: what an embedding
+    adapter or a fine-tuning script wants. Without it, a classifier of another number of
+    classes is dropped with a note and every other key must fit. Failures are one-line
+    ``CheckpointError``s. ``filter_fn`` replaces the family's mapping; ``load_hint`` adds a
+    sentence to a load error (see ``build_model``).
     """
-    filter_fn = filter_fn or getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    family = type(model).__module__
+    if filter_fn is None and family.startswith("esh."):
+        filter_fn = getattr(sys.modules.get(family), "checkpoint_filter_fn", None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier = cfg.get("classifier", "head") if isinstance(cfg, dict) else getattr(cfg, "classifier", "head")
     what = what or type(model).__name__
-    _load(model, read_checkpoint(path), filter_fn, what, classifier, ignore_classifier, load_hint)
+    raw = dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    _load(model, raw, filter_fn, what, classifier, ignore_classifier, load_hint)
     return model

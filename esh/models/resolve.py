@@ -66,10 +66,11 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     ``config.img_size``, ``config.model_kwargs``); fields of the wrong type count as absent."""
     from esh.models._checkpoint import read_checkpoint
 
-    return _info_of(read_checkpoint(path))
+    return info_of_checkpoint(read_checkpoint(path))
 
 
-def _info_of(ckpt: Mapping) -> CheckpointInfo:
+def info_of_checkpoint(ckpt: Mapping) -> CheckpointInfo:
+    """What an ``esh train`` checkpoint already read records (see :func:`checkpoint_info`)."""
     config = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
     classes = ckpt.get("classes")
     names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
@@ -104,15 +105,6 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any], img_size: i
         raise InputError(f"timm's {name} does not take a model argument you gave ({e})") from None
 
 
-def _load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, name: str) -> None:
-    """Weights for a timm model, read with esh's safe loader (timm's own unpickles freely)."""
-    from esh.models._checkpoint import extract_state_dict, load_into, read_checkpoint, strip_prefix
-
-    state = strip_prefix(extract_state_dict(read_checkpoint(path)), "module.")
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    load_into(model, strip_prefix(state, "_orig_mod."), name, classifier=classifier)
-
-
 def build_model(
     name: str,
     *,
@@ -140,8 +132,10 @@ def build_model(
         path = None if checkpoint_path is None else str(checkpoint_path)
         return create_model(name, pretrained=pretrained and path is None, checkpoint_path=path, **kwargs)
     model = _timm_model(name, pretrained and checkpoint_path is None, kwargs, img_size)
-    if checkpoint_path is not None:
-        _load_timm_checkpoint(model, checkpoint_path, name)
+    if checkpoint_path is not None:  # esh's safe reader (timm's own loader unpickles freely)
+        from esh.models._builder import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path, what=name)
     return model
 
 
