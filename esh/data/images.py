@@ -126,8 +126,9 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, draft: bool = Fals
     path = Path(path)
     _check_regular(path)
     limit = _pixel_limit()
+    pil_limit = Image.MAX_IMAGE_PIXELS
     if os.environ.get(MAX_PIXELS_ENV) is not None:
-        Image.MAX_IMAGE_PIXELS = limit  # PIL's own check (at twice the limit) must agree
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own check (at twice the limit) must agree, for this call
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
@@ -152,6 +153,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, draft: bool = Fals
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"cannot read image {path}: truncated or corrupt ({reason})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 @dataclass

@@ -224,3 +224,15 @@ def test_fuzzed_image_files_load_or_fail_with_an_input_error(tmp_path, recwarn):
             loaded += 1
     assert refused > 100 and loaded + refused == 300
     assert not [w for w in recwarn if "PIL" in w.filename]  # PIL's notes on corrupt metadata stay quiet
+
+
+def test_the_pixel_limit_from_the_environment_does_not_change_pil_for_the_process(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from esh.data.images import load_image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    before = Image.MAX_IMAGE_PIXELS
+    monkeypatch.setenv("ESH_MAX_IMAGE_PIXELS", "1000")
+    assert load_image(tmp_path / "small.png").size == (8, 8)
+    assert Image.MAX_IMAGE_PIXELS == before
