@@ -23,8 +23,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.amp_dtype is not None:
         overrides["amp_dtype"] = args.amp_dtype
     model_kwargs = parse_model_args(args.model_arg or [])
-    if args.ponder_warmup is not None:
-        model_kwargs["ponder_warmup_steps"] = args.ponder_warmup
     if model_kwargs:
         overrides["model_kwargs"] = model_kwargs
     if args.smoke_test:
@@ -50,11 +48,6 @@ def add_parsers(sub) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="extra model-builder argument, repeatable (e.g. drop_path_rate=0.1)",
-    )
-    train.add_argument(
-        "--ponder-warmup",
-        type=int,
-        help="ESH models: optimizer steps before the ponder cost enters the loss (the model's default: 15000)",
     )
     train.add_argument("--resume", help="an output directory (or its last.pth) to continue exactly")
     train.add_argument("--smoke-test", action="store_true", help="one epoch of at most 20 steps")

@@ -40,7 +40,14 @@ _timm = import_timm()
 trunc_normal_ = _timm.layers.trunc_normal_
 feature_take_indices = _timm.models._features.feature_take_indices
 
-__all__ = ["ESHVision", "ESHVisionBackbone", "ESHVisionConfig", "checkpoint_filter_fn", "ponder_weight_at"]
+__all__ = [
+    "ESHVision",
+    "ESHVisionBackbone",
+    "ESHVisionConfig",
+    "budget_loss",
+    "checkpoint_filter_fn",
+    "ponder_weight_at",
+]
 
 
 @dataclass
@@ -77,6 +84,8 @@ class ESHVisionConfig:
     ponder_warmup_steps: int = 15000  # λ_ponder = 0 before this optimizer step
     ponder_ramp_steps: int = 5000  # then linear to ponder_weight over this many steps
     alpha_var_weight: float = 0.1  # λ_var: loss_alpha_var = -λ_var · Var(α)
+    routing_budget: float | None = None  # F: loss_budget pulls each block's mean α towards F
+    routing_budget_weight: float = 1.0  # λ_budget: loss_budget = λ_budget · mean_b (mean α_b - F)²
 
 
 def ponder_weight_at(step: int, weight: float, warmup_steps: int, ramp_steps: int) -> float:
@@ -87,6 +96,15 @@ def ponder_weight_at(step: int, weight: float, warmup_steps: int, ramp_steps: in
     if ramp_steps <= 0:
         return float(weight)
     return float(weight) * min(1.0, (step - warmup_steps) / ramp_steps)
+
+
+def budget_loss(alphas: Sequence[Tensor], target: float, weight: float) -> Tensor:
+    """The routing-budget term: ``weight`` · the mean over blocks of (mean α of the block - target)².
+
+    Hard routing at an attention fraction keeps the top share of each block's patches, so each
+    block's mean α (not only the mean over all blocks) is pulled towards the fraction."""
+    means = torch.stack([a.float().mean() for a in alphas])
+    return weight * (means - target).pow(2).mean()
 
 
 class PatchEmbed(nn.Module):
@@ -396,6 +414,30 @@ class ESHVision(NotScriptable, nn.Module):
             "block_stage": list(self.block_stage),
         }
 
+    _ROUTING_TERMS = (
+        "ponder_weight",
+        "ponder_warmup_steps",
+        "ponder_ramp_steps",
+        "alpha_var_weight",
+        "routing_budget",
+        "routing_budget_weight",
+    )
+
+    def set_routing_terms(self, **terms) -> ESHVision:
+        """Set the training terms' settings (any of ``ponder_weight``, ``ponder_warmup_steps``,
+        ``ponder_ramp_steps``, ``alpha_var_weight``, ``routing_budget``,
+        ``routing_budget_weight``) in the model's config, which checkpoints keep. Returns the model."""
+        unknown = sorted(set(terms) - set(self._ROUTING_TERMS))
+        if unknown:
+            raise InputError(f"unknown routing terms {unknown}; known: {', '.join(self._ROUTING_TERMS)}")
+        for name, value in terms.items():
+            if name == "routing_budget" and value is not None and not 0.0 <= float(value) <= 1.0:
+                raise InputError(f"routing_budget is an attention fraction in [0, 1]; got {value!r}")
+            if name != "routing_budget" and (value is None or float(value) < 0):
+                raise InputError(f"{name} must be a number >= 0; got {value!r}")
+        self.config = dataclasses.replace(self.config, **terms)
+        return self
+
     def auxiliary_losses(self, step: int) -> dict[str, Tensor | float]:
         """The routing terms of the last forward, for esh's trainer.
 
@@ -403,7 +445,9 @@ class ESHVision(NotScriptable, nn.Module):
         ``loss_alpha_var`` = -alpha_var_weight · Var(α) over every patch of every block of the
         batch, both tensors to add to the objective; and logged floats: ``alpha_mean``,
         ``alpha_var``, ``attn_fraction`` (share of patches with α > 0.5, or routed to attention
-        in hard mode), ``ponder_cost`` and ``ponder_weight``.
+        in hard mode), ``ponder_cost`` and ``ponder_weight``. With a ``routing_budget`` F,
+        also ``loss_budget`` (``budget_loss``: routing_budget_weight · mean over blocks of
+        (mean α - F)²).
         """
         if self._last_aux is None:
             raise RuntimeError("auxiliary_losses needs a forward pass first: call the model on a batch")
@@ -412,7 +456,7 @@ class ESHVision(NotScriptable, nn.Module):
         var = alphas.var(unbiased=False)
         ponder = torch.stack(self._last_aux["ponder_costs"]).mean()
         lam = ponder_weight_at(step, cfg.ponder_weight, cfg.ponder_warmup_steps, cfg.ponder_ramp_steps)
-        return {
+        terms = {
             "loss_ponder": lam * ponder,
             "loss_alpha_var": -cfg.alpha_var_weight * var,
             "alpha_mean": float(alphas.detach().mean()),
@@ -421,6 +465,9 @@ class ESHVision(NotScriptable, nn.Module):
             "ponder_cost": float(ponder.detach()),
             "ponder_weight": lam,
         }
+        if cfg.routing_budget is not None:
+            terms["loss_budget"] = budget_loss(self._last_aux["alphas"], cfg.routing_budget, cfg.routing_budget_weight)
+        return terms
 
 
 class ESHVisionBackbone(ESHVision):

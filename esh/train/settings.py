@@ -107,3 +107,26 @@ def check_float(
     if not ok:
         rng = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
         raise InputError(f"{name} must be a finite number {rng}; got {value!r}")
+
+
+def check_steps_or_fraction(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` is a length of a schedule: 0, a fraction of the run (0 < v < 1) or a whole number
+    of optimizer steps (v >= 1)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if ok and value >= 1 and float(value) != int(value):
+        ok = False
+    if not ok:
+        raise InputError(
+            f"{name} must be a fraction of the run's optimizer steps (0 <= v < 1) or a whole number of "
+            f"steps (>= 1); got {value!r}"
+        )
+
+
+def steps_of(value: float, total_steps: int) -> int:
+    """Optimizer steps of a schedule length given as steps or as a fraction of the run: a value
+    >= 1 is that many steps, 0 <= v < 1 is ``round(v * total_steps)`` steps."""
+    if value >= 1:
+        return int(value)
+    return int(round(value * total_steps))

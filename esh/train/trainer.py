@@ -32,7 +32,16 @@ from esh.train.distributed import close_distributed, init_distributed, wrap_ddp
 from esh.train.lock import OutputLock
 from esh.train.logs import LOG_KINDS, MetricsLog, StepLog, check_finite, read_floats
 from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
-from esh.train.settings import canonical, check_float, check_int, config_from_dict, setting, with_aliases
+from esh.train.settings import (
+    canonical,
+    check_float,
+    check_int,
+    check_steps_or_fraction,
+    config_from_dict,
+    setting,
+    steps_of,
+    with_aliases,
+)
 from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
 
 DEFAULT_MODEL = "mambavision_nano"
@@ -72,6 +81,31 @@ class VisionTrainConfig:
     ema_decay: float = setting(0.999, "decay of the weights' EMA")
     grad_checkpointing: bool | None = setting(
         None, "recompute blocks in the backward to save memory (default: the model's choice)"
+    )
+    # ESH-Vision's routing terms (models with ``set_routing_terms``); unset: the model's values
+    ponder_weight: float | None = setting(
+        None, "ESH-Vision: weight of the ponder cost after its ramp (model default 0.01)"
+    )
+    ponder_warmup: float | None = setting(
+        None,
+        "ESH-Vision: optimizer steps with no ponder cost; 0 < v < 1 is a fraction of the run's steps, "
+        "v >= 1 a number of steps (model default 15000 steps)",
+    )
+    ponder_ramp: float | None = setting(
+        None,
+        "ESH-Vision: steps of the ponder cost's linear ramp after the warm-up; a fraction of the run "
+        "or a number of steps, as --ponder-warmup (model default 5000 steps)",
+    )
+    alpha_var_weight: float | None = setting(
+        None, "ESH-Vision: weight of the alpha-variance bonus, -w * Var(alpha) (model default 0.1; 0: off)"
+    )
+    routing_budget: float | None = setting(
+        None,
+        "ESH-Vision: target attention fraction F in [0, 1]; adds w * mean over blocks of "
+        "(mean alpha - F)^2 to the loss, logged as loss_budget (default: no budget term)",
+    )
+    routing_budget_weight: float | None = setting(
+        None, "ESH-Vision: weight w of the routing-budget term (model default 1.0)"
     )
     model_kwargs: dict = setting(help="extra model-builder arguments", factory=dict, cli=False)
     channels_last: bool = setting(False, "channels-last memory format")
@@ -119,6 +153,11 @@ class VisionTrainConfig:
         check_int("max_steps", self.max_steps, 1, optional=True)
         check_int("save_every", self.save_every, 0)
         check_int("seed", self.seed, 0)
+        for name in ("ponder_weight", "alpha_var_weight", "routing_budget_weight"):
+            check_float(name, getattr(self, name), 0.0, optional=True)
+        check_steps_or_fraction("ponder_warmup", self.ponder_warmup, optional=True)
+        check_steps_or_fraction("ponder_ramp", self.ponder_ramp, optional=True)
+        check_float("routing_budget", self.routing_budget, 0.0, 1.0, optional=True)
         if self.log not in LOG_KINDS:
             raise InputError(f"log must be one of {', '.join(LOG_KINDS)}; got {self.log!r}")
         if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
@@ -162,6 +201,27 @@ def _build_model(cfg: VisionTrainConfig, num_classes: int) -> nn.Module:
     return build_model(
         cfg.model, checkpoint_path=cfg.checkpoint, num_classes=num_classes, img_size=cfg.img_size, **cfg.model_kwargs
     )
+
+
+ROUTING_TERMS = ("ponder_weight", "ponder_warmup", "ponder_ramp", "alpha_var_weight", "routing_budget")
+
+
+def _set_routing_terms(model: nn.Module, cfg: VisionTrainConfig, total_steps: int) -> None:
+    """Hand the routing-term settings that were given to the model's ``set_routing_terms``, the
+    warm-up and ramp turned into optimizer steps of this run (``total_steps``). A model without
+    routing terms given one is an InputError."""
+    given = {name: getattr(cfg, name) for name in (*ROUTING_TERMS, "routing_budget_weight")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return
+    hook = getattr(model, "set_routing_terms", None)
+    if not callable(hook):
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise InputError(f"{flags}: {cfg.model} has no routing terms (they apply to the esh_vision models)")
+    for name in ("ponder_warmup", "ponder_ramp"):
+        if name in given:
+            given[name + "_steps"] = steps_of(given.pop(name), total_steps)
+    hook(**given)
 
 
 def _transforms(model: nn.Module, cfg: VisionTrainConfig):
@@ -239,6 +299,10 @@ class VisionTrainer:
         )
         self.val_loader = DataLoader(self.val_set, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
         self.steps_per_epoch = max(1, len(self.train_set) // cfg.batch_size // cfg.grad_accum)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        _set_routing_terms(self.model, cfg, self.total_steps)
         import_timm()
         import timm.loss
         import timm.optim
