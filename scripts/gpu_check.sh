@@ -29,8 +29,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== 1. tests on the GPU"
 timeout 240 python -m pytest -q -p no:cacheprovider -m "cuda or not slow" \
-    tests/test_scan_triton.py tests/test_state_update_triton.py tests/test_scan_dispatch.py \
-    tests/test_selective_scan.py tests/test_selective_state_update.py tests/models/test_lm_padding.py >"$OUT/tests.log" 2>&1
+    tests/ops/test_scan_triton.py tests/ops/test_state_update_triton.py tests/ops/test_scan_dispatch.py \
+    tests/ops/test_selective_scan.py tests/ops/test_selective_state_update.py tests/models/test_lm_padding.py >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -n 5 "$OUT/tests.log"
 timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests >"$OUT/tests_cuda.log" 2>&1
 echo "cuda-marked tests rc=$?"; tail -n 3 "$OUT/tests_cuda.log"
