@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "vision": ("vision_throughput", "images/s of esh's vision models beside timm's"),
     "train": ("train_throughput", "training images/s of each esh vision family beside a timm model"),
     "elastic": ("elastic_compute", "ESH-Vision: soft vs hard routing at attention budgets"),
+    "routing": ("esh_routing", "ESH-Vision trained with and without routing terms: accuracy vs img/s, α statistics"),
     "lm-generate": ("lm_generate", "ESH LM decoding ms/token with its cache, without, and a GPT's"),
     "lm-memory": ("lm_memory", "ESH LM training-step peak memory with and without checkpointing and bf16"),
     "lm-quality": ("lm_quality", "ESH LM vs GPT vs Mamba validation loss on character-level Shakespeare"),
