@@ -19,6 +19,7 @@ from esh._compat import import_timm
 from esh.ops import selective_scan
 from esh.ops.selective_scan import cpu_kernel_is_default
 
+from .conv import depthwise_conv
 from .mamba_init import init_dt_proj
 
 register_notrace_module = import_timm().layers.register_notrace_module
@@ -101,8 +102,17 @@ class BiMambaMixer(nn.Module):
         # or autocast is on (it does not cast for out= calls).
         # The convolutions give u; dt_proj gives delta, already in u's layout.
         in_place = not torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
-        halves = _Halves(x.new_empty(batch, seqlen, 2 * d) if in_place else None)
-        u = halves(_causal_conv(x, self.conv1d, out=halves[0]), _causal_conv(rev(x), self.conv1d_b, out=halves[1]))
+        if in_place:
+            u = x.new_empty(batch, seqlen, 2 * d)
+            _causal_conv(x, self.conv1d, out=u[..., :d])
+            _causal_conv(rev(x), self.conv1d_b, out=u[..., d:])
+        else:  # one conv over the channels [forward | backward], with one autograd node
+            convs = (self.conv1d, self.conv1d_b)
+            u = depthwise_conv(
+                torch.cat([x, rev(x)], -1),
+                torch.cat([c.weight[:, 0] for c in convs]),
+                torch.cat([c.bias for c in convs]),
+            )
         gate = F.silu(z)
         del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
         u = F.silu(u)
@@ -237,12 +247,7 @@ def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
 
 
 def _causal_conv(x: Tensor, conv: nn.Conv1d, out: Tensor | None = None) -> Tensor:
-    """Depthwise causal conv of (batch, L, d) in that layout: out[t] = bias + sum_j w[K-1-j] x[t-j],
-    as K shifted multiply-adds (no transpose to conv1d's layout, no padded copy); written into
+    """Depthwise causal conv of (batch, L, d) in that layout: out[t] = bias + sum_j w[K-1-j] x[t-j]
+    (``depthwise_conv``: K shifted multiply-adds, no transpose, no padded copy); written into
     ``out`` when given."""
-    w = conv.weight[:, 0]  # (d, K)
-    k = w.shape[1]
-    out = torch.addcmul(conv.bias, x, w[:, k - 1], out=out)
-    for j in range(1, min(k, x.shape[1])):
-        out[:, j:].addcmul_(x[:, :-j], w[:, k - 1 - j])
-    return out
+    return depthwise_conv(x, conv.weight[:, 0], conv.bias, out=out)

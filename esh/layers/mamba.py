@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from esh.errors import InputError
 from esh.ops import selective_scan, selective_state_update
 
+from .conv import depthwise_conv
 from .mamba_init import init_dt_proj
 
 __all__ = ["Mamba", "copy_unless_loaded", "mask_padding"]
@@ -119,23 +120,31 @@ class Mamba(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise InputError(f"Mamba: expected input (batch, L, {self.d_model}); got {tuple(hidden_states.shape)}")
         seqlen = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
-        x = mask_padding(x, mask)
+        # Sequence-major throughout, (batch, L, channels) as in_proj gives and out_proj takes: the
+        # conv runs in that layout and the scan reads (batch, channels, L) views of it.
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d_inner) each
+        keep = None if mask is None else mask[..., None].to(x.dtype)  # (batch, L, 1)
+        if keep is not None:
+            x = x * keep
         if conv_state is not None:
             # the last d_conv inputs, left-padded with zeros when the sequence is shorter
-            conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))
-        x = mask_padding(F.silu(self.conv1d(x)[..., :seqlen]), mask)  # causal: the conv pads d_conv - 1 on both sides
-        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # its bias goes to the scan
+            conv_state.copy_(F.pad(x.transpose(1, 2), (self.d_conv - seqlen, 0)))
+        # causal; the weights in x's dtype, as conv1d under autocast takes them
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(x.dtype)
+        x = F.silu(depthwise_conv(x, self.conv1d.weight[:, 0].to(x.dtype), bias))
+        if keep is not None:
+            x = x * keep
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ self.dt_proj.weight.t()  # its bias goes to the scan
         A, D, dt_bias = self._ssm_params()
         y = selective_scan(
-            x,
-            delta,
+            x.transpose(1, 2),
+            delta.transpose(1, 2),
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
             D,
-            z=z,
+            z=z.transpose(1, 2),
             delta_bias=dt_bias,
             delta_softplus=True,
             return_last_state=ssm_state is not None,

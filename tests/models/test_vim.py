@@ -37,7 +37,7 @@ def test_stride_8_models_have_730_tokens_and_the_class_token_in_the_middle():
     assert plain.pos_embed.shape[1] == 197 and plain.token_position == 98
 
 
-def _direction(mixer, x, z, conv, x_proj, dt_proj, A_log, D):
+def _direction(mixer, x, z, conv, x_proj, dt_proj, A_log, D, float32_bias=False):
     L = x.shape[-1]
     u = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=x.shape[1])[..., :L])
     dt, B, C = torch.split(x_proj(u.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
@@ -50,7 +50,7 @@ def _direction(mixer, x, z, conv, x_proj, dt_proj, A_log, D):
         C.transpose(1, 2),
         D,
         z=z,
-        delta_bias=dt_proj.bias,
+        delta_bias=dt_proj.bias.float() if float32_bias else dt_proj.bias,
         delta_softplus=True,
     )
 
@@ -67,6 +67,38 @@ def test_bimamba_v2_runs_both_directions_with_their_own_parameters():
     bwd = _direction(m, x.flip(-1), z.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b).flip(-1)
     expected = m.out_proj(((fwd + bwd) / 2).transpose(1, 2))
     torch.testing.assert_close(m(h), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bimamba_gradients_equal_the_two_directions_through_conv1d(dtype):
+    # training: one conv over [forward | backward] channels with its own backward, one scan;
+    # the reference: each direction through F.conv1d and the reference scan, autograd throughout
+    import contextlib
+
+    from esh.ops.selective_scan import use_backend
+
+    torch.manual_seed(0)
+    m = BiMambaMixer(16, d_state=4).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(2, 9, 16, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 9, 16, dtype=dtype)
+    with use_backend("reference") if dtype == torch.float64 else contextlib.nullcontext():
+        got = m(h)
+    got_grads = torch.autograd.grad(got, [h, *m.parameters()], g)
+    x, z = m.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+    f32 = {k: getattr(m, k).float() for k in ("A_log", "A_b_log", "D", "D_b")}
+    fwd = _direction(m, x, z, m.conv1d, m.x_proj, m.dt_proj, f32["A_log"], f32["D"], float32_bias=True)
+    bwd = _direction(
+        m, x.flip(-1), z.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, f32["A_b_log"], f32["D_b"], float32_bias=True
+    ).flip(-1)
+    want = m.out_proj(((fwd + bwd) / 2).transpose(1, 2))
+    want_grads = torch.autograd.grad(want, [h, *m.parameters()], g)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for (name, _), a, e in zip([("input", h), *m.named_parameters()], got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, e, **tol, msg=lambda s, name=name: f"{name}: {s}")
 
 
 def _tiny_vim(**kw):

@@ -1,0 +1,88 @@
+"""depthwise_conv: the sequence-major depthwise conv of the Mamba mixers against F.conv1d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from esh.layers.conv import depthwise_conv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _conv1d(x, w, b, left):
+    """The same conv through F.conv1d in its (batch, channels, L) layout."""
+    k = w.shape[1]
+    xc = F.pad(x.transpose(1, 2), (left, k - 1 - left))
+    return F.conv1d(xc, w.unsqueeze(1), b, groups=w.shape[0]).transpose(1, 2)
+
+
+def _shifted(x, w, b):
+    """The causal conv as autograd-recorded shifted multiply-adds (the mixers' previous form)."""
+    k = w.shape[1]
+    out = torch.addcmul(b, x, w[:, k - 1])
+    for j in range(1, min(k, x.shape[1])):
+        out[:, j:].addcmul_(x[:, :-j], w[:, k - 1 - j])
+    return out
+
+
+@pytest.mark.parametrize("k,left", [(4, 3), (3, 2), (3, 1), (4, 1), (2, 0)])
+@pytest.mark.parametrize("seqlen", [1, 2, 3, 9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_equal_conv1d(k, left, seqlen, bias):
+    torch.manual_seed(0)
+    xz = torch.randn(2, seqlen, 12, dtype=torch.float64)
+    x = xz[..., :6].detach().requires_grad_()  # a non-contiguous view, as in_proj's chunk gives
+    w = torch.randn(6, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
+    g = torch.randn(2, seqlen, 6, dtype=torch.float64)
+    got = depthwise_conv(x, w, b, left)
+    grads = torch.autograd.grad(got, [x, w] + ([b] if bias else []), g)
+    want = _conv1d(x, w, b, left)
+    expected = torch.autograd.grad(want, [x, w] + ([b] if bias else []), g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: depthwise_conv(x, w, b, 2), (x, w, b))
+
+
+def test_forward_is_bit_identical_to_the_shifted_form_and_gradients_match_it():
+    torch.manual_seed(2)
+    x = torch.randn(3, 17, 40, requires_grad=True)
+    w = torch.randn(40, 4, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    g = torch.randn(3, 17, 40)
+    new = depthwise_conv(x, w, b)
+    old = _shifted(x, w, b)
+    assert torch.equal(new, old)
+    with torch.no_grad():
+        assert torch.equal(depthwise_conv(x, w, b), old)
+    for a, e in zip(torch.autograd.grad(new, (x, w, b), g), torch.autograd.grad(old, (x, w, b), g), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_out_is_written_for_inference_and_refused_under_autograd():
+    x, w, b = torch.randn(2, 6, 4), torch.randn(4, 3), torch.randn(4)
+    buf = torch.empty(2, 6, 8)
+    got = depthwise_conv(x, w, b, out=buf[..., 4:])
+    assert got.data_ptr() == buf[..., 4:].data_ptr()
+    torch.testing.assert_close(buf[..., 4:], _conv1d(x, w, b, 2))
+    with pytest.raises(RuntimeError, match="out="):
+        depthwise_conv(x, w.requires_grad_(), b, out=buf[..., :4])
+
+
+def test_half_precision_input_gives_the_weights_dtype_and_its_own_gradient_dtype():
+    x = torch.randn(2, 6, 4, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, 3, requires_grad=True)
+    out = depthwise_conv(x, w)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
