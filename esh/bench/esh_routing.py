@@ -13,7 +13,9 @@ and timm's ``convnext_atto`` on the same recipe:
 
 For each trained ESH model: validation accuracy with soft routing and with hard routing at
 attention fractions 1.0 / 0.5 / 0.25 / 0.1 / 0.0 (the top share of each image's patches by α
-attends, the rest take the SSM alone), images/s measured for each of these modes on one batch,
+attends, the rest take the SSM alone), images/s of each of these modes on one validation batch
+(every model and mode timed in one interleaved pass after all the training, so that the load of
+other work on the machine falls on all alike),
 the α histogram over the validation images (``mid_share``: the share of α in [0.1, 0.9]; a
 bimodal router leaves little there), the ponder cost N + R (2 where no patch ponders), and the
 correlation of α with the digits' strokes (:func:`alpha_stroke_correlation`) beside the same
@@ -167,21 +169,23 @@ def _accuracy(model: nn.Module, batches, routing: dict | None) -> tuple[float, l
     return 100.0 * correct / max(total, 1), stats
 
 
-def _throughputs(model: nn.Module, x: Tensor, modes: list[dict | None], repeats: int) -> list[float]:
-    """Images/s of each routing mode on batch ``x``, modes interleaved round by round (so the
-    load of other jobs falls on all alike), the median of ``repeats`` rounds."""
+def throughputs(cases: Sequence[tuple[nn.Module, dict | None]], x: Tensor, repeats: int) -> list[float]:
+    """Images/s of each (model, routing mode) on batch ``x``: every case once per round, rounds
+    repeated ``repeats`` times, each case's median, so the load of other jobs on a shared machine
+    falls on all cases alike."""
     steps = []
-    for routing in modes:
+    for model, routing in cases:
 
-        def step(routing=routing):
+        def step(model=model, routing=routing):
             if routing is not None:
                 model.set_routing(**routing)
             with torch.inference_mode():
                 model(x)
 
+        model.eval()
         step()
         steps.append(step)
-    times: list[list[float]] = [[] for _ in modes]
+    times: list[list[float]] = [[] for _ in cases]
     for _ in range(max(1, repeats)):
         for i, step in enumerate(steps):
             times[i].append(time_call(step, repeats=1, warmup=0, max_seconds=60))
@@ -197,21 +201,17 @@ def evaluate(
     variant: str,
     batches,
     fractions: Sequence[float],
-    repeats: int,
     mean_std: tuple,
     untrained: nn.Module | None = None,
 ) -> list[dict]:
-    """The rows of one trained model: one per routing mode (one for a baseline)."""
+    """The rows of one trained model: one per routing mode (one for a baseline), each with the
+    mode's ``routing`` (None for a baseline) for the throughput pass, which fills ``images_per_s``."""
     model.eval()
-    timing_x = batches[0][0]
     if not hasattr(model, "set_routing"):
         acc, _ = _accuracy(model, batches, None)
-        (ips,) = _throughputs(model, timing_x, [None], repeats)
-        return [dict(variant=variant, mode="-", fraction=None, val_acc=acc, images_per_s=ips)]
-    modes = _esh_modes(fractions)
-    speeds = _throughputs(model, timing_x, [kw for _, kw in modes], repeats)
+        return [dict(variant=variant, mode="-", fraction=None, val_acc=acc, routing=None)]
     rows = []
-    for (label, kw), ips in zip(modes, speeds):
+    for label, kw in _esh_modes(fractions):
         acc, stats = _accuracy(model, batches, kw)
         rows.append(
             dict(
@@ -219,7 +219,7 @@ def evaluate(
                 mode=label,
                 fraction=kw.get("attention_fraction"),
                 val_acc=acc,
-                images_per_s=ips,
+                routing=kw,
                 attn_fraction=statistics.fmean(s["attn_fraction"] for s in stats),
                 ponder_cost=statistics.fmean(s["ponder_cost"] for s in stats),
             )
@@ -278,6 +278,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     data = "digits" if not limit else str(_subset_npz(out / f"digits_{limit}.npz", limit, 0))
     rows: list[dict] = []
+    cases: list[tuple[nn.Module, dict | None]] = []  # (trained model, routing) of each row, for the timing
+    timing_x = None
     for seed in seeds:
         for variant in variants:
             cfg = VisionTrainConfig(
@@ -295,14 +297,21 @@ def run(
             trainer.fit()
             train_s = time.perf_counter() - start
             batches = _val_batches(trainer, val_limit)
+            if timing_x is None:
+                timing_x = batches[0][0]
             untrained = None
             if variant.startswith("esh"):
                 torch.manual_seed(seed)
                 untrained = create_model("esh_vision_nano", num_classes=trainer.num_classes).eval()
             mean_std = _mean_std(trainer.model)
-            for row in evaluate(trainer.model, variant, batches, fractions, repeats, mean_std, untrained):
+            for row in evaluate(trainer.model, variant, batches, fractions, mean_std, untrained):
+                cases.append((trainer.model, row.pop("routing")))
                 rows.append(dict(row, seed=seed, train_s=train_s, steps=trainer.global_step))
             print_fn(f"{variant} seed {seed}: trained {trainer.global_step} steps in {train_s:.0f} s")
+    # every trained model in every mode timed in one interleaved pass on the same batch, so the
+    # img/s of different variants are comparable on a machine shared with other work
+    for row, ips in zip(rows, throughputs(cases, timing_x, repeats)):
+        row["images_per_s"] = ips
     meta = dict(
         seeds=list(seeds),
         epochs=epochs,
@@ -377,21 +386,25 @@ def format_table(rows: list[dict], meta: dict) -> str:
         f"esh routing: {meta['img_size']}x{meta['img_size']} digits, {meta['epochs']} epochs, batch "
         f"{meta['batch_size']}, seeds {meta['seeds']}, {meta['threads']} threads"
         + (f", {meta['limit']}-image subset" if meta.get("limit") else ""),
-        "| model | routing | val acc % | img/s | on attention | ponder N+R | α in [0.1, 0.9] | r(α, strokes) "
-        "trained / untrained |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | routing | val acc % | img/s | on attention % | ponder N+R | α in [0.1, 0.9] "
+        "| r(α, strokes) all blocks: trained (untrained) | first stage: trained (untrained) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
+
+    def r_cell(group: list[dict], key: str) -> str:
+        trained, untrained = _fmt([g.get(key) for g in group], 3), _fmt([g.get(key + "_untrained") for g in group], 3)
+        if trained == "-":
+            return ""
+        return trained + (f" ({untrained})" if untrained != "-" else "")
+
     for (variant, mode), group in _group(rows).items():
-        r_trained = _fmt([g.get("stroke_r") for g in group], 3)
-        r_untrained = _fmt([g.get("stroke_r_untrained") for g in group], 3)
         lines.append(
             f"| {variant} | {mode} | {_fmt([g['val_acc'] for g in group], 1)} "
             f"| {_fmt([g['images_per_s'] for g in group], 0)} "
             f"| {_fmt([100 * g['attn_fraction'] for g in group if 'attn_fraction' in g], 0)} "
             f"| {_fmt([g.get('ponder_cost') for g in group], 3)} "
             f"| {_fmt([g.get('mid_share') for g in group], 2)} "
-            f"| {r_trained if r_trained != '-' else ''}"
-            f"{' / ' + r_untrained if r_untrained != '-' else ''} |"
+            f"| {r_cell(group, 'stroke_r')} | {r_cell(group, 'stroke_r_stage0')} |"
         )
     return "\n".join(lines)
 
