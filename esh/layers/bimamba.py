@@ -119,12 +119,16 @@ class BiMambaMixer(nn.Module):
         # x_proj of both directions as one batched matmul over [forward | backward] halves of u
         w_x = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)  # (2, d, r + 2n)
         x_dbl = torch.bmm(u.view(batch * seqlen, 2, d).transpose(0, 1), w_x)  # (2, batch * L, r + 2n)
+        # split and unbind: one backward node each (a slice or index per piece would each
+        # fill a zero tensor of x_dbl's size in the backward and add it up)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        dt_f, dt_b = dt.unbind(0)
         halves = _Halves(u.new_empty(batch * seqlen, 2 * d) if in_place else None)
         delta = halves(
-            torch.mm(x_dbl[0, :, :r], self.dt_proj.weight.t(), out=halves[0]),
-            torch.mm(x_dbl[1, :, :r], self.dt_proj_b.weight.t(), out=halves[1]),
+            torch.mm(dt_f, self.dt_proj.weight.t(), out=halves[0]),
+            torch.mm(dt_b, self.dt_proj_b.weight.t(), out=halves[1]),
         ).view(batch, seqlen, 2 * d)
-        B, C = (x_dbl[..., k : k + n].view(2, batch, seqlen, n).permute(1, 0, 3, 2) for k in (r, r + n))
+        B, C = (t.view(2, batch, seqlen, n).permute(1, 0, 3, 2) for t in (B, C))
         y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors
             u.transpose(1, 2),
             delta.transpose(1, 2),  # dt_proj's bias goes to the scan
@@ -135,7 +139,8 @@ class BiMambaMixer(nn.Module):
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias], 0).float(),
             delta_softplus=True,
         ).transpose(1, 2)
-        y = rev(y[..., d:]).add_(y[..., :d]).mul_(gate)
+        y_f, y_b = y.chunk(2, dim=-1)  # one backward node (two slices would each fill a zero y)
+        y = rev(y_b).add_(y_f).mul_(gate)
         return F.linear(y, self._out_weight())
 
     def _out_weight(self) -> Tensor:
