@@ -60,7 +60,7 @@ COMMANDS = _command_lines()
 
 def test_the_readme_has_blocks_to_check():
     assert len(PYTHON_BLOCKS) >= 10
-    assert len(COMMANDS) >= 15
+    assert len(COMMANDS) >= 15 and len(RUNNABLE) >= 3
 
 
 def _write_stand_ins(folder: Path) -> None:
@@ -110,6 +110,22 @@ def test_python_block_runs_on_its_own(line, code, workdir):
         return
     result = _run(code, workdir)
     assert result.returncode == 0, f"README.md line {line}:\n{result.stderr[-3000:]}"
+
+
+# commands that need no data, network or minutes: these README lines are run as written
+OFFLINE = ("esh --version", "esh models", "esh info")
+RUNNABLE = [(line, c) for line, c in COMMANDS if c.startswith(OFFLINE)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("line", "command"), RUNNABLE, ids=[f"line{line}" for line, _ in RUNNABLE])
+def test_offline_command_line_runs(line, command, workdir):
+    argv = shlex.split(command)
+    result = subprocess.run(
+        [sys.executable, "-m", "esh", *argv[1:]], cwd=workdir, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"README.md line {line}: `{command}`\n{result.stderr[-2000:]}"
+    assert result.stdout.strip(), f"README.md line {line}: `{command}` printed nothing"
 
 
 @pytest.mark.parametrize(("line", "command"), COMMANDS, ids=[f"line{line}" for line, _ in COMMANDS])
