@@ -110,10 +110,10 @@ def count_model(model: nn.Module, input_size: tuple[int, int, int], name: str = 
 
 def model_info(name: str, img_size: int | None = None, **kwargs) -> ModelInfo:
     """``esh info NAME``: build the model on the meta device and count it."""
-    from esh.models import create_model
+    from esh.models.resolve import build_model
 
-    with torch.device("meta"):
-        model = create_model(name, **kwargs)
+    with torch.device("meta"):  # built for img_size (Vim's position embedding), checked there
+        model = build_model(name, img_size=img_size, **kwargs)
     c, h, w = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
     if img_size is not None:
         h = w = img_size

@@ -44,3 +44,13 @@ def test_lm_parameter_accounting_lives_in_info_and_matches_the_model():
     with torch.device("meta"):
         model = ESHModel(config)
     assert lm_num_parameters(model) == esh_lm_param_formula(config) == model.num_parameters()
+
+
+def test_info_builds_for_the_size_asked_and_refuses_sizes_that_are_not(capsys):
+    from esh.cli import main
+    from esh.info import model_info
+
+    at_512 = model_info("vim_tiny", img_size=512)  # Vim is built for the size (its position embedding)
+    assert at_512.format() != model_info("vim_tiny").format()
+    assert main(["info", "mambavision_nano", "--img-size", "-3"]) == 2
+    assert capsys.readouterr().err.strip() == "esh info: error: img_size must be a positive integer; got -3"
