@@ -67,9 +67,9 @@ def _as_pil(image: ImageLike) -> Image.Image:
             array = np.round(array * 255).astype(np.uint8)
         return Image.fromarray(array)
     if isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
+        if not Path(image).exists():
             raise InputError(f"image {image} does not exist")
-        return load_image(image)  # a ValueError naming the file if it is not an image
+        return load_image(image)  # an InputError naming the file if it is not a readable image
     raise InputError(f"image must be a file path, a PIL image or a numpy array; got {type(image).__name__}")
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -107,3 +108,12 @@ def test_running_out_of_memory_is_one_line_that_names_the_sizes(error, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "out of memory" in err and "--img-size" in err
+
+
+def test_a_fifo_given_as_an_image_is_refused_without_hanging(tmp_path, capsys):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for argv in (["predict", "--model", "mambavision_nano"], ["saliency", "--model", "esh_vision_nano", "--image"]):
+        assert main([*argv, str(fifo)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a regular file" in err, err
