@@ -11,6 +11,11 @@ the mean over every character of the validation split (505,720 characters, windo
 ``--eval-windows N`` scores N windows spread evenly over it), in nats per character, and bits
 per character = nats / ln 2.
 
+For ESH, the router on the same validation windows (``router_statistics``): mean α (averaged
+over layers) by character class of the token read (letters, whitespace, punctuation, newline,
+other) and by position in the window (quarters), and the validation loss with the router free,
+forced to 0 (the SSM path alone) and forced to 1 (attention alone): how much each path carries.
+
 Models (non-embedding parameters matched to the GPT's 0.79M within a few percent):
 - ``gpt``: nanoGPT's model, 4 layers, 4 heads, d=128, learned positions, tied head.
 - ``mamba``: 7 x [RMSNorm + Mamba-1 mixer], d=128, d_state 16, expand 2, tied head.
@@ -20,14 +25,16 @@ Models (non-embedding parameters matched to the GPT's 0.79M within a few percent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from esh._io import write_text
@@ -118,6 +125,9 @@ def train_one(
     train_s = time.perf_counter() - start
     result = trainer.evaluate()
     nats = result["val_loss"]  # char-level: one token per character
+    extra = {}
+    if name == "esh":  # the router on the same windows: α by character class and position, paths forced
+        extra["router"] = router_statistics(model, eval_loader, token_classes(data.tokenizer))
     return {
         "model": name,
         "seed": seed,
@@ -130,7 +140,116 @@ def train_one(
         "tokens": max_steps * cfg.batch_size * cfg.block_size,
         "threads": torch.get_num_threads(),
         "eval_chars": result["val_tokens"],
+        **extra,
     }
+
+
+CHAR_CLASSES = ("letter", "whitespace", "punctuation", "newline", "other")
+POSITION_BUCKETS = 4
+
+
+def char_class(ch: str) -> str:
+    """One of ``CHAR_CLASSES``: a newline, other whitespace, a letter, punctuation, the rest."""
+    if ch == "\n":
+        return "newline"
+    if ch.isspace():
+        return "whitespace"
+    if ch.isalpha():
+        return "letter"
+    if unicodedata.category(ch[:1] or " ").startswith("P"):
+        return "punctuation"
+    return "other"
+
+
+@contextlib.contextmanager
+def forced_alpha(model: nn.Module, value: float):
+    """Within the block, every ``TokenRouter`` of ``model`` outputs ``value`` (0.0: the SSM path
+    alone, 1.0: attention alone) instead of its α."""
+    from esh.layers.router import TokenRouter
+
+    routers = [m for m in model.modules() if isinstance(m, TokenRouter)]
+    if not routers:
+        raise InputError(f"{type(model).__name__} has no token router to force")
+    hooks = [m.register_forward_hook(lambda _m, _i, out: torch.full_like(out, value)) for m in routers]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def router_statistics(model: nn.Module, windows: Sequence[Tensor] | DataLoader, classes: Sequence[str]) -> dict:
+    """What ESH LM's router does on validation text, and how much each path carries.
+
+    ``windows``: batches of token ids (B, T + 1) (the evaluation loader); ``classes``: the
+    character class (``char_class``) of every token id. α of a token is the router's output
+    at that token (read there, before predicting the next), averaged over the layers.
+
+    Returns ``alpha_by_class`` (mean α and token count per class), ``alpha_by_position`` (mean α
+    in each of ``POSITION_BUCKETS`` equal spans of the window, first to last) and the next-token
+    loss in nats per token with the router free (``val_nats``), forced to 0 (``val_nats_ssm_only``:
+    attention off) and forced to 1 (``val_nats_attention_only``)."""
+    model.eval()
+    names = list(CHAR_CLASSES)
+    lookup = torch.tensor([names.index(c) for c in classes])
+    sums, counts = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
+    pos_sums = torch.zeros(POSITION_BUCKETS, dtype=torch.float64)
+    pos_counts = torch.zeros(POSITION_BUCKETS, dtype=torch.float64)
+    losses = {"val_nats": [0.0, 0], "val_nats_ssm_only": [0.0, 0], "val_nats_attention_only": [0.0, 0]}
+    with torch.no_grad():
+        for batch in windows:
+            ids = batch if torch.is_tensor(batch) else batch["input_ids"]
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            out = model(ids, labels=ids)
+            alpha = torch.stack([a.double() for a in out.alphas]).mean(0)  # (B, T + 1)
+            cls = lookup[ids]
+            sums.index_add_(0, cls.flatten(), alpha.flatten())
+            counts.index_add_(0, cls.flatten(), torch.ones(alpha.numel(), dtype=torch.float64))
+            bucket = (torch.arange(ids.shape[1]) * POSITION_BUCKETS // ids.shape[1]).expand_as(ids)
+            pos_sums.index_add_(0, bucket.flatten(), alpha.flatten())
+            pos_counts.index_add_(0, bucket.flatten(), torch.ones(alpha.numel(), dtype=torch.float64))
+            losses["val_nats"][0] += float(out.ce_loss) * n
+            for key, value in (("val_nats_ssm_only", 0.0), ("val_nats_attention_only", 1.0)):
+                with forced_alpha(model, value):
+                    losses[key][0] += float(model(ids, labels=ids).ce_loss) * n
+            for key in losses:
+                losses[key][1] += n
+    result = {
+        "alpha_by_class": {
+            c: {"alpha": float(sums[i] / counts[i]) if counts[i] else math.nan, "tokens": int(counts[i])}
+            for i, c in enumerate(names)
+        },
+        "alpha_by_position": [float(pos_sums[i] / max(pos_counts[i], 1)) for i in range(POSITION_BUCKETS)],
+    }
+    result.update({k: total / max(count, 1) for k, (total, count) in losses.items()})
+    return result
+
+
+def token_classes(tokenizer) -> list[str]:
+    """``char_class`` of every token id of a character-level tokenizer."""
+    return [char_class(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
+
+
+def format_router_table(rows: Sequence[dict]) -> str:
+    """ESH rows with router statistics: mean α per character class and position span, and the
+    validation loss with the router free, attention off and attention alone."""
+    lines = [
+        "| seed | "
+        + " | ".join(f"α {c}" for c in CHAR_CLASSES)
+        + " | α by position (quarters) | nats free | attention off | attention only |",
+        "|---|" + "---:|" * len(CHAR_CLASSES) + "---|---:|---:|---:|",
+    ]
+    for r in rows:
+        st = r.get("router")
+        if not st:
+            continue
+        by_class = " | ".join(f"{st['alpha_by_class'][c]['alpha']:.3f}" for c in CHAR_CLASSES)
+        positions = " / ".join(f"{a:.3f}" for a in st["alpha_by_position"])
+        lines.append(
+            f"| {r['seed']} | {by_class} | {positions} | {st['val_nats']:.4f} | {st['val_nats_ssm_only']:.4f} "
+            f"| {st['val_nats_attention_only']:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -177,6 +296,9 @@ def run(
         f"{max_steps} steps x 12 x 64 tokens, {torch.get_num_threads()} threads"
     )
     print_fn(format_table(rows))
+    if any("router" in r for r in rows):
+        print_fn("ESH's router (α averaged over layers; validation nats/char with the router free, forced to 0, to 1):")
+        print_fn(format_router_table(rows))
     return rows
 
 
@@ -206,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print(format_table(rows))
+        if any("router" in r for r in rows):
+            print(format_router_table(rows))
         return
     run(
         args.models,
