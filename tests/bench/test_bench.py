@@ -136,7 +136,7 @@ def test_every_benchmark_script_is_an_esh_bench_command():
 
     from esh.cli.bench import BENCHMARKS
 
-    scripts = {p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")}
+    scripts = {p.stem for p in (Path(__file__).parents[2] / "benchmarks").glob("*.py")}
     assert scripts and scripts == {module for module, _ in BENCHMARKS.values()}
 
 
