@@ -235,4 +235,4 @@ def test_the_pixel_limit_from_the_environment_does_not_change_pil_for_the_proces
     before = Image.MAX_IMAGE_PIXELS
     monkeypatch.setenv("ESH_MAX_IMAGE_PIXELS", "1000")
     assert load_image(tmp_path / "small.png").size == (8, 8)
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
