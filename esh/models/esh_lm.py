@@ -51,7 +51,6 @@ from esh.info import esh_lm_param_formula, lm_num_parameters, lm_parameters_by_c
 from esh.layers import GatedAttention, Mamba, MoEAux, SwitchMoE
 from esh.layers.router import TokenRouter
 from esh.models import _lm_checkpoint
-from esh.models._lm_padding import padding_masks
 from esh.models.lm_common import CausalLMMixin, ESHOutput, next_token_loss, run_ssm, sample_next_token
 from esh.models.registry import register_model
 
@@ -505,13 +504,8 @@ class ESHModel(CausalLMMixin, nn.Module):
             position_ids: (batch, T) rotary positions; default: real tokens counted from 0
                 (``cumsum(attention_mask) - 1``), or ``past + arange(T)`` without padding.
         """
-        self._check_input_ids(input_ids, labels)
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.new_cache()
-        batch, seqlen = input_ids.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        pads = padding_masks(attention_mask, past, seqlen, batch) if attention_mask is not None else None
+        cache, past, pads = self._begin_forward(input_ids, labels, past_key_values, use_cache, attention_mask)
+        seqlen = input_ids.shape[1]
         if position_ids is not None:
             if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != seqlen or position_ids.dim() > 2:
                 got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh.errors import InputError
-from esh.models._lm_padding import gather_rows, padding_first
+from esh.models._lm_padding import gather_rows, padding_first, padding_masks
 
 __all__ = [
     "CausalLMMixin",
@@ -251,6 +251,21 @@ class CausalLMMixin:
                 f"labels must be a LongTensor shaped like input_ids {tuple(input_ids.shape)}; got "
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
+
+    def _begin_forward(
+        self, input_ids: Tensor, labels: Tensor | None, past_key_values, use_cache: bool, attention_mask
+    ):
+        """What every forward starts with: the ids checked, the cache given (or a new one with
+        ``use_cache``), the number of cached tokens, and a padded batch's masks (None without
+        ``attention_mask``)."""
+        self._check_input_ids(input_ids, labels)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        batch, seqlen = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        pads = padding_masks(attention_mask, past, seqlen, batch) if attention_mask is not None else None
+        return cache, past, pads
 
     _next_token_loss = staticmethod(next_token_loss)
 

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from esh.errors import InputError
 from esh.layers import Mamba
-from esh.models._lm_padding import padding_masks
 from esh.models.esh_lm import ESHCache
 from esh.models.lm_common import CausalLMMixin, ESHOutput, run_ssm
 
@@ -87,19 +86,13 @@ class MambaLM(CausalLMMixin, nn.Module):
         ``new_cache``) holds the states after the earlier tokens and is updated in place;
         ``use_cache`` makes one when none is given; a padded batch's ``attention_mask`` is
         (batch, past + T)."""
-        self._check_input_ids(input_ids, labels)
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.new_cache()
-        batch, seqlen = input_ids.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        pads = padding_masks(attention_mask, past, seqlen, batch) if attention_mask is not None else None
+        cache, _, pads = self._begin_forward(input_ids, labels, past_key_values, use_cache, attention_mask)
         token_mask = pads.token_mask if pads is not None else None
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cache, token_mask)
         if cache is not None:
-            cache.add_tokens(seqlen)
+            cache.add_tokens(input_ids.shape[1])
         x = self.norm(x)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         ce_loss = self._next_token_loss(logits, labels) if labels is not None else None
