@@ -152,6 +152,20 @@ def save_torch(obj: object, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100, metadata: dict | None = None) -> Path:
+    """A matplotlib figure written as a PNG through :func:`atomic_path`. A figure that pyplot
+    manages is closed afterwards, written or not, so repeated plots do not pile up."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata=metadata)
+    finally:
+        if getattr(fig.canvas, "manager", None) is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it gets the umask's permissions and

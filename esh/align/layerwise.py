@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esh._io import atomic_write
+from esh._io import save_figure
 
 from .metrics import score
 
@@ -49,7 +49,4 @@ def save_heatmap(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from esh._compat import import_timm, require
-from esh._io import atomic_path, clean_stale_temps, write_text
+from esh._io import clean_stale_temps, save_figure, write_text
 from esh.data.datasets import build_datasets, collate_check
 from esh.errors import InputError
 from esh.models._checkpoint import CheckpointError
@@ -635,11 +635,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _resume_overrides(saved: VisionTrainConfig, overrides: dict) -> None:

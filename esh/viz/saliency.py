@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from esh._io import atomic_write
+from esh._io import save_figure
 from esh.devices import resolve_device
 from esh.errors import InputError
 from esh.inference import eval_transform, load_image
@@ -282,8 +282,7 @@ def render_saliency(
     if title:
         fig.suptitle(title, fontsize=10)
 
-    with atomic_write(out, "wb") as f:  # the user's umask, and no half-written PNG on failure
-        fig.savefig(f, format="png", dpi=dpi, metadata={"Title": title or "", "Software": "esh saliency"})
+    save_figure(fig, out, dpi=dpi, metadata={"Title": title or "", "Software": "esh saliency"})
     return out
 
 
