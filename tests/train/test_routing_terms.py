@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import pytest
 import torch
+from digits_npz import small_npz as _small_npz
 
 import esh
 from esh.cli import main
-from esh.data.datasets import DIGITS_FILE
 from esh.errors import InputError
 from esh.models.esh_vision import budget_loss, ponder_weight_at
 from esh.train import VisionTrainConfig, VisionTrainer, train
 from esh.train.settings import check_steps_or_fraction, steps_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _small_npz(path, n_per_class=16, classes=4):
-    with np.load(DIGITS_FILE) as f:
-        images, labels = f["images"], f["labels"]
-    keep = np.concatenate([np.flatnonzero(labels == c)[:n_per_class] for c in range(classes)])
-    np.savez_compressed(path, images=images[keep], labels=labels[keep])
-    return path
 
 
 def _cfg(tmp_path, **kw) -> VisionTrainConfig:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from digits_npz import small_npz as _small_npz
 from PIL import Image
 
 import esh
@@ -34,14 +35,6 @@ def test_embedded_digits_split_is_stratified_and_stable():
     with np.load(DIGITS_FILE) as f:
         _, va = stratified_split(f["labels"], 0.2, seed=0)
     assert va[:5].tolist() == sorted(va.tolist())[:5]  # indices are sorted and fixed by the seed
-
-
-def _small_npz(path, n_per_class=16, classes=4):
-    with np.load(DIGITS_FILE) as f:
-        images, labels = f["images"], f["labels"]
-    keep = np.concatenate([np.flatnonzero(labels == c)[:n_per_class] for c in range(classes)])
-    np.savez_compressed(path, images=images[keep], labels=labels[keep])
-    return path
 
 
 def _cfg(tmp_path, **kw):

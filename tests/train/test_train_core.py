@@ -9,15 +9,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from digits_npz import small_npz as _small_npz
 from torch import nn
 
 import esh
 import esh.model
 from esh.cli import main
-from esh.data.datasets import DIGITS_FILE
 from esh.errors import InputError
 from esh.train import LMTrainConfig, LMTrainer, VisionTrainConfig, VisionTrainer, train
 from esh.train.checkpoint import load_training_checkpoint
@@ -26,14 +25,6 @@ from esh.train.logs import DivergedError
 from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _small_npz(path, n_per_class=16, classes=4):
-    with np.load(DIGITS_FILE) as f:
-        images, labels = f["images"], f["labels"]
-    keep = np.concatenate([np.flatnonzero(labels == c)[:n_per_class] for c in range(classes)])
-    np.savez_compressed(path, images=images[keep], labels=labels[keep])
-    return path
 
 
 def _vision_cfg(tmp_path, **kw) -> VisionTrainConfig:
