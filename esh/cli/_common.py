@@ -55,6 +55,15 @@ def add_amp_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def amp_overrides(args: argparse.Namespace) -> dict:
+    """``--amp`` and ``--amp-dtype`` as training settings, only where given (so that ``--resume``
+    keeps the saved run's)."""
+    given = {"amp": True} if args.amp else {}
+    if args.amp_dtype is not None:
+        given["amp_dtype"] = args.amp_dtype
+    return given
+
+
 def parse_model_args(items: Sequence[str]) -> dict:
     """``KEY=VALUE`` pairs for the model builder; values are read as Python literals when they parse."""
     import ast

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from esh.cli._common import add_amp_arguments
+from esh.cli._common import add_amp_arguments, amp_overrides
 from esh.cli._config_args import add_config_arguments, given
 from esh.train.lm import LMTrainConfig
 
@@ -16,10 +16,7 @@ def _cmd_lm_train(args: argparse.Namespace) -> int:
     from esh.train.lm_job import SMOKE_TEST, train_lm
 
     training = given(args, _FIELDS)
-    if args.amp:
-        training["amp"] = True
-    if args.amp_dtype is not None:
-        training["amp_dtype"] = args.amp_dtype
+    training.update(amp_overrides(args))
     if args.smoke_test:
         training = {**SMOKE_TEST, **training}
     result = train_lm(

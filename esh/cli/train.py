@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from esh.cli._common import add_amp_arguments, parse_model_args
+from esh.cli._common import add_amp_arguments, amp_overrides, parse_model_args
 from esh.cli._config_args import add_config_arguments, given
 from esh.train.trainer import VisionTrainConfig
 
@@ -18,10 +18,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # only what was given on the command line: the rest keeps VisionTrainConfig's (or, with
     # --resume, the saved run's) values
     overrides = given(args, _FIELDS)
-    if args.amp:
-        overrides["amp"] = True
-    if args.amp_dtype is not None:
-        overrides["amp_dtype"] = args.amp_dtype
+    overrides.update(amp_overrides(args))
     model_kwargs = parse_model_args(args.model_arg or [])
     if model_kwargs:
         overrides["model_kwargs"] = model_kwargs
