@@ -29,7 +29,7 @@ from esh.train.checkpoint import load_training_checkpoint
 from esh.train.distributed import close_distributed
 from esh.train.lm import CHECKPOINT_FILE, LMTrainConfig, LMTrainer
 from esh.train.lock import OutputLock
-from esh.train.settings import canonical, check_int
+from esh.train.settings import canonical, check_int, check_resume_overrides
 
 JOB_FILE = "lm_job.json"
 CONFIGS = ("tiny", "small", "medium", "large")
@@ -118,12 +118,7 @@ def train_lm(
             raise InputError(f"--resume {resume}: no {JOB_FILE} there (not an `esh lm train` output directory)")
         job = json.loads(job_path.read_text())
         saved = LMTrainConfig.from_dict(load_training_checkpoint(run_dir / CHECKPOINT_FILE)["config"])
-        for name in RESUME_FIXED:
-            if name in training and training[name] != getattr(saved, name):
-                raise InputError(
-                    f"--resume continues the saved run exactly: its {name} is {getattr(saved, name)!r}, not "
-                    f"{training[name]!r} (start a new run with another --out to change it)"
-                )
+        check_resume_overrides(saved, training, RESUME_FIXED)
         cfg = replace(saved, **{**training, "out": str(run_dir)})
         model_cfg = ESHConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     else:

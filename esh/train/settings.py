@@ -89,6 +89,17 @@ def config_from_dict(cls: type, values: Mapping[str, Any]):
 # --- checks shared by both configs ------------------------------------------------------
 
 
+def check_resume_overrides(saved: Any, overrides: Mapping[str, Any], fixed: Iterable[str]) -> None:
+    """Refuse a setting in ``overrides`` that would make a resumed run differ from the ``saved``
+    config (the ``fixed`` names: what the data order or the model depends on)."""
+    for name in fixed:
+        if name in overrides and overrides[name] != getattr(saved, name):
+            raise InputError(
+                f"--resume continues the saved run exactly: its {name} is {getattr(saved, name)!r}, not "
+                f"{overrides[name]!r} (start a new run with another --out to change it)"
+            )
+
+
 def check_int(name: str, value: Any, low: int, *, optional: bool = False, what: str = "") -> None:
     if value is None and optional:
         return

@@ -36,6 +36,7 @@ from esh.train.settings import (
     canonical,
     check_float,
     check_int,
+    check_resume_overrides,
     check_steps_or_fraction,
     config_from_dict,
     setting,
@@ -638,16 +639,6 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def _resume_overrides(saved: VisionTrainConfig, overrides: dict) -> None:
-    """Refuse a change that would make a resumed run differ from the saved one."""
-    for name in RESUME_FIXED:
-        if name in overrides and overrides[name] != getattr(saved, name):
-            raise InputError(
-                f"--resume continues the saved run exactly: its {name} is {getattr(saved, name)!r}, not "
-                f"{overrides[name]!r} (start a new run with another --out to change it)"
-            )
-
-
 def train(cfg: VisionTrainConfig | None = None, resume: str | None = None, **overrides) -> dict:
     """Train and return the best and final validation accuracy and the checkpoint path.
     ``overrides`` are ``VisionTrainConfig`` fields (an unknown name is an error naming the close
@@ -659,7 +650,7 @@ def train(cfg: VisionTrainConfig | None = None, resume: str | None = None, **ove
         if cfg is None:
             cfg = VisionTrainConfig.from_dict(load_training_checkpoint(ckpt_path)["config"])
             cfg.out = str(ckpt_path.parent)
-        _resume_overrides(cfg, overrides)
+        check_resume_overrides(cfg, overrides, RESUME_FIXED)
     cfg = replace(cfg or VisionTrainConfig(), **overrides)
     trainer = VisionTrainer(cfg)
     if resume is not None:
