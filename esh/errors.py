@@ -18,6 +18,12 @@ class MissingDependencyError(EshError, ImportError):
     """An optional package that a feature needs is not installed; the message names the install."""
 
 
+def is_whole(value: object, low: int) -> bool:
+    """``value`` is an ``int`` (a ``bool`` is not) of at least ``low``: the check behind every
+    "must be an integer >= N" error."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def require(module: str, extra: str, feature: str):
     """Import an optional package, or raise :class:`MissingDependencyError` naming the pip extra."""
     import importlib

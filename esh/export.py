@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from esh._io import atomic_path
-from esh.errors import EshError, InputError, require
+from esh.errors import EshError, InputError, is_whole, require
 from esh.ops.selective_scan import use_backend
 
 FORMATS = ("onnx", "torchscript")
@@ -56,7 +56,7 @@ def export_model(
     if format not in FORMATS:
         raise InputError(f"export format must be one of {FORMATS}; got {format!r}")
     for key, value in (("img_size", img_size), ("batch_size", batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and not is_whole(value, 1):
             raise InputError(f"{key} must be a positive integer; got {value!r}")
     if format == "onnx":  # before any work: a missing package is one line naming the install
         require("onnx", "onnx", "ONNX export")

@@ -16,7 +16,7 @@ from torch import nn
 
 from esh._compat import import_timm
 from esh.devices import resolve_device
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 from esh.train.precision import autocast, enable_tf32
 
 
@@ -69,7 +69,7 @@ def predict(
     (default: ImageNet's for a 1000-class model, else the indices); ``img_size``/``crop_pct``:
     see :func:`eval_transform`. ``amp``: autocast to ``amp_dtype`` (default: bfloat16 on CPU and
     on GPUs that have it, else float16)."""
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+    if not is_whole(topk, 1):
         raise InputError(f"topk must be a positive number of classes; got {topk!r}")
     if not images:
         raise InputError("predict needs at least one image")
@@ -155,7 +155,7 @@ def evaluate(
     from esh.data.datasets import ImageFolderDataset
 
     spec = str(data_dir)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_whole(batch_size, 1):
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     device = resolve_device(device)
     enable_tf32(device)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from esh._compat import import_timm
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 from esh.info import esh_lm_param_formula, lm_num_parameters, lm_parameters_by_component, print_lm_size
 from esh.layers import GatedAttention, Mamba, MoEAux, SwitchMoE
 from esh.layers.router import TokenRouter
@@ -139,7 +139,7 @@ class ESHConfig:
                 raise InputError(f"ESHConfig.{f.name} must be a number; got {value!r}")
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value, 1):
                 raise InputError(f"ESHConfig.{name} must be a positive integer; got {value!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise InputError(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 from esh.models.lm_common import CausalLMMixin, ESHOutput
 
 __all__ = ["GPT", "GPTCache", "GPTConfig"]
@@ -40,7 +40,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value, 1):
                 raise InputError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout!r}")

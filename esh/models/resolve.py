@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 
 __all__ = ["CheckpointInfo", "ResolvedModel", "build_model", "checkpoint_info", "resolve_model"]
 
@@ -52,13 +52,8 @@ class ResolvedModel:
     info: CheckpointInfo
 
 
-def _whole(value: Any, low: int) -> bool:
-    """``value`` is an int (not a bool) of at least ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _positive(value: Any) -> int | None:
-    return value if _whole(value, 1) else None
+    return value if is_whole(value, 1) else None
 
 
 def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
@@ -120,9 +115,9 @@ def build_model(
     read with esh's safe loader."""
     from esh.models import create_model, is_model
 
-    if img_size is not None and not _whole(img_size, 1):
+    if img_size is not None and not is_whole(img_size, 1):
         raise InputError(f"img_size must be a positive integer; got {img_size!r}")
-    if num_classes is not None and not _whole(num_classes, 0):
+    if num_classes is not None and not is_whole(num_classes, 0):
         raise InputError(f"num_classes must be an integer >= 0 (0: no classifier); got {num_classes!r}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 
 
 def setting(default: Any = None, help: str = "", *, factory=None, cli: bool = True) -> Any:
@@ -103,7 +103,7 @@ def check_resume_overrides(saved: Any, overrides: Mapping[str, Any], fixed: Iter
 def check_int(name: str, value: Any, low: int, *, optional: bool = False, what: str = "") -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_whole(value, low):
         expected = f"an integer >= {low}" + (" (or None)" if optional else "")
         raise InputError(f"{name} must be {expected}{what}; got {value!r}")
 
