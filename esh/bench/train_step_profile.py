@@ -1,11 +1,12 @@
-"""Time and profile training steps (forward + backward + AdamW) of vim_tiny or the tiny ESH LM:
-``esh bench train-step {vim_tiny,esh_lm_tiny} [--steps N] [--threads T] [--profile]`` (or
-``python benchmarks/train_step_profile.py ...``).
+"""Time and profile training steps (forward + backward + AdamW) of one model:
+``esh bench train-step {vim_tiny,esh_vision_tiny,esh_vision_nano,esh_lm_tiny} [--steps N]
+[--threads T] [--grad-checkpointing] [--profile]`` (or ``python benchmarks/train_step_profile.py ...``).
 
-vim_tiny: batch 8 of random 224² images, 1000 classes. esh_lm_tiny: ``esh lm train``'s tiny
-config and batch (16 blocks of 128 byte tokens). Prints the mean seconds per step over
-``--steps`` steps after two warm-up steps and, with ``--profile``, torch.profiler's table of one
-more step (top ops by self CPU time, with their call counts).
+vim_tiny, esh_vision_tiny: batch 8 of random 224² images, 1000 classes. esh_vision_nano: the
+main job's batch, 64 random 56² images, 10 classes, with the routing terms the trainer adds.
+esh_lm_tiny: ``esh lm train``'s tiny config and batch (16 blocks of 128 byte tokens). Prints the
+mean seconds per step over ``--steps`` steps after two warm-up steps and, with ``--profile``,
+torch.profiler's table of one more step (top ops by self CPU time, with their call counts).
 """
 
 from __future__ import annotations
@@ -18,14 +19,28 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 
-def build(name: str):
+MODELS = ("vim_tiny", "esh_vision_tiny", "esh_vision_nano", "esh_lm_tiny")
+
+
+def build(name: str, grad_checkpointing: bool = False):
     torch.manual_seed(0)
-    if name == "vim_tiny":
+    if name != "esh_lm_tiny":
         import esh
 
-        model = esh.create_model("vim_tiny", num_classes=1000)
-        x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-        return model, lambda: F.cross_entropy(model(x), y)
+        nano = name == "esh_vision_nano"
+        classes, batch, size = (10, 64, 56) if nano else (1000, 8, 224)
+        model = esh.create_model(name, num_classes=classes)
+        model.set_grad_checkpointing(grad_checkpointing)
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+        if not hasattr(model, "auxiliary_losses"):
+            return model, lambda: F.cross_entropy(model(x), y)
+
+        def loss_fn():
+            loss = F.cross_entropy(model(x), y)
+            terms = model.auxiliary_losses(step=0)
+            return loss + sum(v for k, v in terms.items() if k.startswith("loss_"))
+
+        return model, loss_fn
     from esh.models.esh_lm import ESHModel, esh_tiny
 
     model = ESHModel(esh_tiny())
@@ -35,14 +50,15 @@ def build(name: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", choices=("vim_tiny", "esh_lm_tiny"))
+    parser.add_argument("model", choices=MODELS)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grad-checkpointing", action="store_true", help="block checkpointing (vision models)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--rows", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, loss_fn = build(args.model)
+    model, loss_fn = build(args.model, args.grad_checkpointing)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

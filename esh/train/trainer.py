@@ -6,7 +6,8 @@ the optimisation step, checkpoints, logs, the output-directory lock). A model ma
 its own loss terms through ``auxiliary_losses(step)`` (see ``esh.train.step.auxiliary_loss``:
 entries named ``loss*`` join the objective, all are logged per step in ``steps.csv``). A model
 whose class sets ``default_grad_checkpointing = True`` is trained with block-level gradient
-checkpointing unless ``grad_checkpointing=False`` is given.
+checkpointing where its activations would not fit comfortably in the device's free memory
+(``esh.train.memory``); ``grad_checkpointing=True/False`` decides instead.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from esh.train.checkpoint import load_training_checkpoint, rng_state, save_torch
 from esh.train.distributed import close_distributed, init_distributed, wrap_ddp
 from esh.train.lock import OutputLock
 from esh.train.logs import LOG_KINDS, MetricsLog, StepLog, check_finite, read_floats
+from esh.train.memory import needs_grad_checkpointing
 from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
 from esh.train.settings import (
     canonical,
@@ -81,7 +83,9 @@ class VisionTrainConfig:
     ema: bool = setting(False, "keep an EMA of the weights and validate it too")
     ema_decay: float = setting(0.999, "decay of the weights' EMA")
     grad_checkpointing: bool | None = setting(
-        None, "recompute blocks in the backward to save memory (default: the model's choice)"
+        None,
+        "recompute blocks in the backward to save memory (default: for models that ask for it, when "
+        "their activations would take over half the free memory)",
     )
     # ESH-Vision's routing terms (models with ``set_routing_terms``); unset: the model's values
     ponder_weight: float | None = setting(
@@ -269,12 +273,10 @@ class VisionTrainer:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        checkpointing = cfg.grad_checkpointing
-        if checkpointing is None:
-            checkpointing = bool(getattr(self.model, "default_grad_checkpointing", False))
-        if checkpointing and hasattr(self.model, "set_grad_checkpointing"):
-            self.model.set_grad_checkpointing(True)
         self.train_set.transform, self.val_set.transform = _transforms(self.model, cfg)
+        self.grad_checkpointing, self.grad_checkpointing_reason = self._choose_checkpointing()
+        if self.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
         if cfg.batch_size % self.world:
             raise InputError(
                 f"--batch-size {cfg.batch_size} (the global batch) must divide by the {self.world} processes"
@@ -562,6 +564,22 @@ class VisionTrainer:
             "checkpoint": str(self.out / "best.pth"),
             "out": str(self.out),
         }
+
+    def _choose_checkpointing(self) -> tuple[bool, str]:
+        """Block checkpointing: as asked, else for the models that ask for it
+        (``default_grad_checkpointing``) only where the step's activations, measured on two
+        images, would take more than half the device's free memory (``esh.train.memory``)."""
+        cfg = self.cfg
+        if cfg.grad_checkpointing is not None:
+            return bool(cfg.grad_checkpointing), "set by grad_checkpointing"
+        if not getattr(self.model, "default_grad_checkpointing", False):
+            return False, "the model does not ask for it"
+        chans, _, size = import_timm().data.resolve_data_config(model=self.model)["input_size"]
+        size = cfg.img_size or size
+        self.model.train()
+        # noise (from its own generator), so the router sends patches to attention and ACT as on images
+        example = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        return needs_grad_checkpointing(self.model, example, cfg.batch_size // self.world)
 
     def _end_of_epoch(self, row: dict, writer: MetricsLog) -> None:
         row.update(self.validate())

@@ -166,12 +166,26 @@ def test_model_statistics_are_logged_per_step_and_resume_keeps_one_row_per_step(
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
-def test_models_that_ask_for_gradient_checkpointing_get_it_unless_refused(tmp_path, monkeypatch):
+def test_models_that_ask_for_gradient_checkpointing_get_it_when_memory_needs_it(tmp_path, monkeypatch):
     from esh.models import mambavision
+    from esh.train import memory
 
     monkeypatch.setattr(mambavision.MambaVision, "default_grad_checkpointing", True, raising=False)
+    # plenty of memory for a small model on small images: no recomputation
+    trainer = VisionTrainer(_cfg(tmp_path))
+    assert not trainer.model.grad_checkpointing and "GiB free" in trainer.grad_checkpointing_reason
+    # little free memory, or none known: checkpointing
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)
     assert VisionTrainer(_cfg(tmp_path)).model.grad_checkpointing
+    monkeypatch.setattr(memory, "available_memory", lambda device: None)
+    assert VisionTrainer(_cfg(tmp_path)).model.grad_checkpointing
+    # asked for explicitly, either way
     assert not VisionTrainer(_cfg(tmp_path, grad_checkpointing=False)).model.grad_checkpointing
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**50)
+    assert VisionTrainer(_cfg(tmp_path, grad_checkpointing=True)).model.grad_checkpointing
+    monkeypatch.setattr(mambavision.MambaVision, "default_grad_checkpointing", False, raising=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)
+    assert not VisionTrainer(_cfg(tmp_path)).model.grad_checkpointing
 
 
 def test_model_arguments_reach_the_builder(tmp_path):
