@@ -76,7 +76,7 @@ class AdaptiveComputationTime(nn.Module):
         for n in range(2, self.max_steps + 1):
             if running.numel() == 0:
                 break
-            new = step(state[running], running)
+            new = step(state.index_select(0, running), running)
             state = state.index_copy(0, running, new)
             before = cum[running]
             if n == self.max_steps:

@@ -207,7 +207,7 @@ class HybridVisionBlock(nn.Module):
         if positions.numel() == 0:
             return x, x.new_full((), 2.0, dtype=torch.float32)
         flat = x.reshape(B * H * W, C)
-        out, _, cost = self.act(flat[positions], self._ponder_step((B, H, W), positions))
+        out, _, cost = self.act(flat.index_select(0, positions), self._ponder_step((B, H, W), positions))
         x = flat.index_copy(0, positions, out).view(B, H, W, C)
         total = cost.float().sum() + 2.0 * (B * H * W - positions.numel())
         return x, total / (B * H * W)

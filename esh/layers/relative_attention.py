@@ -81,7 +81,7 @@ class RelativeMHSA(nn.Module):
         nh, nw = Hp // wh, Wp // ww
         win = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, wh * ww, C)
         idx = self.relative_index(wh, ww, x.device)
-        mask = self.relative_position_bias_table[idx].permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        mask = self._bias(idx).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
         if ph or pw:  # padded positions are not keys
             valid = torch.ones(Hp, Wp, dtype=torch.bool, device=x.device)
             valid[H:] = False
@@ -114,25 +114,33 @@ class RelativeMHSA(nn.Module):
         window = (b * -(-H // wh) + r // wh) * nw_row + c // ww
         pos = (r % wh) * ww + c % ww
         order = torch.argsort(window * (wh * ww) + pos)  # grouped by window, raster order inside
-        window, pos = window[order], pos[order]
-        _, counts = torch.unique_consecutive(window, return_counts=True)
+        sorted_window = window[order]
+        _, counts = torch.unique_consecutive(sorted_window, return_counts=True)
         n, K = counts.numel(), int(counts.max())
-        packed_window = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
-        slot = torch.arange(M, device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        # token order[j] goes to slot j - (start of its window's run) of packed window number
+        # (its run's index): dest, in the flattened (n * K) packing
+        run = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+        dest = run * K + torch.arange(M, device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        slot_of = torch.empty_like(dest)
+        slot_of[order] = dest  # each token's slot, in the tokens' own order
+        source = torch.full((n * K,), M, dtype=torch.long, device=x.device)
+        source[dest] = order  # each slot's token; M, an all-zero row, for empty slots
+        valid = (source < M).view(n, K)
+        packed_pos = torch.cat([pos, pos.new_zeros(1)])[source].view(n, K)
 
-        projected = self.qkv(x[order])  # (autocast may make it half precision)
-        qkv = projected.new_zeros(n, K, 3 * C)
-        qkv[packed_window, slot] = projected
-        packed_pos = torch.zeros(n, K, dtype=torch.long, device=x.device)
-        packed_pos[packed_window, slot] = pos
-        valid = torch.zeros(n, K, dtype=torch.bool, device=x.device)
-        valid[packed_window, slot] = True
+        # gathers with index_select, whose backward is one index_add (not an accumulating index_put)
+        projected = self.qkv(x)  # in the tokens' own order (autocast may make it half precision)
+        projected = torch.cat([projected, projected.new_zeros(1, 3 * C)])
+        qkv = projected.index_select(0, source).view(n, K, 3 * C)
 
         rel = self.relative_index(wh, ww, x.device)
         pair = rel[packed_pos[:, :, None], packed_pos[:, None, :]]  # (n, K, K)
-        mask = self.relative_position_bias_table[pair].permute(0, 3, 1, 2)  # (n, heads, K, K)
+        mask = self._bias(pair).permute(0, 3, 1, 2)  # (n, heads, K, K)
         mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
-        out = self._attend(qkv, mask)[packed_window, slot]  # (M, dim), in window order
-        result = torch.empty_like(out)
-        result[order] = out
-        return self.proj_drop(self.proj(result))
+        out = self._attend(qkv, mask).reshape(n * K, C).index_select(0, slot_of)  # (M, dim)
+        return self.proj_drop(self.proj(out))
+
+    def _bias(self, index: Tensor) -> Tensor:
+        """The bias table's rows at ``index`` (any shape) -> (*index.shape, heads)."""
+        table = self.relative_position_bias_table
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
