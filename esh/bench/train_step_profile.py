@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-
 MODELS = ("vim_tiny", "esh_vision_tiny", "esh_vision_nano", "esh_lm_tiny")
 
 
