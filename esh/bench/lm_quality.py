@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import math
+import statistics
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -266,6 +267,83 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_spread(values: Sequence[float], digits: int) -> str:
+    """``mean ± sample standard deviation`` (the mean alone for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per model, over its seeds: the validation nats and bits per character and the training
+    seconds (lists, in seed order), and the training time relative to the GPT of the same seed
+    (where the GPT ran with that seed)."""
+    gpt_seconds = {r["seed"]: r["train_seconds"] for r in rows if r["model"] == "gpt"}
+    out: dict[str, dict] = {}
+    for r in rows:
+        m = out.setdefault(r["model"], {"seeds": [], "nats": [], "bits": [], "seconds": [], "vs_gpt": [], "row": r})
+        m["seeds"].append(r["seed"])
+        m["nats"].append(r["val_nats_per_char"])
+        m["bits"].append(r["val_bits_per_char"])
+        m["seconds"].append(r["train_seconds"])
+        if r["seed"] in gpt_seconds:
+            m["vs_gpt"].append(r["train_seconds"] / gpt_seconds[r["seed"]])
+    return out
+
+
+def format_summary(rows: Sequence[dict]) -> str:
+    """Markdown: one line per model, mean ± standard deviation over its seeds."""
+    lines = [
+        "| model | seeds | params total | non-embedding | active / token | val nats/char | bits/char | train time "
+        "| train time / GPT's |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in summarize(rows).items():
+        r = m["row"]
+        ratio = _mean_spread(m["vs_gpt"], 2) + "x" if m["vs_gpt"] else "-"
+        lines.append(
+            f"| {name} | {', '.join(map(str, m['seeds']))} | {r['total'] / 1e6:.3f}M | {r['non_embedding'] / 1e6:.3f}M "
+            f"| {r['active'] / 1e6:.3f}M | {_mean_spread(m['nats'], 3)} | {_mean_spread(m['bits'], 3)} "
+            f"| {_mean_spread(m['seconds'], 0)} s | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def format_router_summary(rows: Sequence[dict]) -> str:
+    """Markdown: ESH's router statistics, mean ± standard deviation over seeds."""
+    stats = [r["router"] for r in rows if r.get("router")]
+    if not stats:
+        return ""
+    cells = [_mean_spread([st["alpha_by_class"][c]["alpha"] for st in stats], 3) for c in CHAR_CLASSES]
+    positions = " / ".join(
+        f"{statistics.fmean(st['alpha_by_position'][i] for st in stats):.3f}" for i in range(POSITION_BUCKETS)
+    )
+    losses = [
+        _mean_spread([st[k] for st in stats], 3) for k in ("val_nats", "val_nats_ssm_only", "val_nats_attention_only")
+    ]
+    return "\n".join(
+        [
+            "| seeds | "
+            + " | ".join(f"α {c}" for c in CHAR_CLASSES)
+            + " | α by position (quarters, mean) | nats free | attention off | attention only |",
+            "|---|" + "---:|" * len(CHAR_CLASSES) + "---|---:|---:|---:|",
+            f"| {len(stats)} | {' | '.join(cells)} | {positions} | {' | '.join(losses)} |",
+        ]
+    )
+
+
+def print_tables(rows: Sequence[dict], print_fn: Callable[[str], None] = print) -> None:
+    """The per-run table, the summary over seeds, and ESH's router tables."""
+    print_fn(format_table(rows))
+    print_fn("mean ± standard deviation over seeds:")
+    print_fn(format_summary(rows))
+    if any("router" in r for r in rows):
+        print_fn("ESH's router (α averaged over layers; validation nats/char with the router free, forced to 0, to 1):")
+        print_fn(format_router_table(rows))
+        print_fn(format_router_summary(rows))
+
+
 def run(
     models: Sequence[str] = MODELS,
     seeds: Sequence[int] = (1337,),
@@ -295,10 +373,7 @@ def run(
         f"char-level Shakespeare ({len(data.train):,} train / {len(data.val):,} validation characters), "
         f"{max_steps} steps x 12 x 64 tokens, {torch.get_num_threads()} threads"
     )
-    print_fn(format_table(rows))
-    if any("router" in r for r in rows):
-        print_fn("ESH's router (α averaged over layers; validation nats/char with the router free, forced to 0, to 1):")
-        print_fn(format_router_table(rows))
+    print_tables(rows, print_fn)
     return rows
 
 
@@ -327,9 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
-        print(format_table(rows))
-        if any("router" in r for r in rows):
-            print(format_router_table(rows))
+        print_tables(rows)
         return
     run(
         args.models,

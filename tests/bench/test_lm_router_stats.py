@@ -84,3 +84,48 @@ def test_a_forced_router_gives_its_constant_for_every_class():
     assert st["alpha_by_class"]["letter"]["alpha"] == pytest.approx(0.25)
     assert st["alpha_by_class"]["newline"]["alpha"] == pytest.approx(0.25)
     assert math.isnan(st["alpha_by_class"]["punctuation"]["alpha"])
+
+
+def _row(model, seed, nats, seconds, alpha=None):
+    row = {
+        "model": model,
+        "seed": seed,
+        "total": 812_000,
+        "non_embedding": 793_000,
+        "active": 812_000,
+        "val_nats_per_char": nats,
+        "val_bits_per_char": nats / math.log(2),
+        "val_ppl": math.exp(nats),
+        "train_seconds": seconds,
+    }
+    if alpha is not None:
+        row["router"] = {
+            "alpha_by_class": {c: {"alpha": alpha, "tokens": 10} for c in bench.CHAR_CLASSES},
+            "alpha_by_position": [alpha] * bench.POSITION_BUCKETS,
+            "val_nats": nats,
+            "val_nats_ssm_only": nats + 0.2,
+            "val_nats_attention_only": nats + 2.0,
+        }
+    return row
+
+
+def test_summary_over_seeds_gives_mean_spread_and_the_time_relative_to_the_gpt_of_each_seed():
+    rows = [
+        _row("esh", 1, 1.60, 150.0, alpha=0.2),
+        _row("gpt", 1, 1.88, 100.0),
+        _row("esh", 2, 1.62, 180.0, alpha=0.4),
+        _row("gpt", 2, 1.90, 120.0),
+        _row("mamba", 3, 1.59, 300.0),  # no GPT with this seed: no ratio
+    ]
+    summary = bench.summarize(rows)
+    assert summary["esh"]["seeds"] == [1, 2] and summary["esh"]["vs_gpt"] == [1.5, 1.5]
+    assert summary["mamba"]["vs_gpt"] == []
+    table = bench.format_summary(rows)
+    esh_line = next(line for line in table.splitlines() if line.startswith("| esh "))
+    assert "1.610 ± 0.014" in esh_line and "165 ± 21 s" in esh_line and "1.50 ± 0.00x" in esh_line
+    mamba_line = next(line for line in table.splitlines() if line.startswith("| mamba "))
+    assert "| 1.590 |" in mamba_line and mamba_line.endswith("| - |")
+    router = bench.format_router_summary(rows)
+    assert "0.300 ± 0.141" in router and "0.300 / 0.300 / 0.300 / 0.300" in router
+    assert "1.810 ± 0.014" in router  # attention off
+    assert bench.format_router_summary([_row("gpt", 1, 1.9, 1.0)]) == ""
