@@ -182,11 +182,11 @@ class SwitchMoE(nn.Module):
         counts = torch.bincount(target, minlength=n_exp + 1)[:n_exp].tolist()
         n_kept = sum(counts)
         order = order[:n_kept]
-        groups = x[order].split(counts)
+        groups = x.index_select(0, order).split(counts)  # (index_select: its backward is one index_add)
         # every expert runs, an idle one on zero tokens: all parameters stay in the graph (zero
         # gradients), so DDP and FSDP see the same gradients on every rank
         outs = [self.experts[e](g) for e, g in enumerate(groups)]
-        out = torch.cat(outs) * gate[order, None].to(outs[0].dtype)
+        out = torch.cat(outs) * gate.index_select(0, order)[:, None].to(outs[0].dtype)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add(0, order, out)
 
     def _run_padded(self, x: Tensor, expert: Tensor, keep: Tensor | None, gate: Tensor) -> Tensor:
@@ -205,8 +205,8 @@ class SwitchMoE(nn.Module):
             slot = torch.where(kept, expert * slab + rank, spare)
             source = torch.full((spare + 1,), n_tokens, dtype=torch.long, device=x.device)
             source.scatter_(0, slot, torch.arange(n_tokens, device=x.device))  # row spare: anything
-        rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[source[:spare]].view(n_exp, slab, x.shape[1])
+        rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source[:spare]).view(n_exp, slab, x.shape[1])
         # every expert runs (on zero rows when idle): all parameters stay in the graph, as grouped
         out = torch.cat([self.experts[e](rows[e]) for e in range(n_exp)])
         out = torch.cat([out, out.new_zeros(1, out.shape[1])])
-        return out[slot] * (gate * kept).to(out.dtype)[:, None]
+        return out.index_select(0, slot) * (gate * kept).to(out.dtype)[:, None]
