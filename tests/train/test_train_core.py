@@ -406,3 +406,23 @@ def test_a_hand_edited_lm_checkpoint_is_a_clear_error(tmp_path, edit):
     torch.save({**torch.load(last, weights_only=True), **edit}, last)
     with pytest.raises(CheckpointError):
         trainer().load_checkpoint(tmp_path)
+
+
+def test_adam_and_adamw_use_the_fused_kernel_on_cpu_and_cuda_only():
+    from esh.train.step import fused_options
+
+    cpu, cuda, mps = (torch.device(d) for d in ("cpu", "cuda", "mps"))
+    assert fused_options("adamw", cpu) == {"fused": True} == fused_options("AdamW", cuda) == fused_options("adam", cpu)
+    assert fused_options("adamw", mps) == {} and fused_options("sgd", cpu) == {} and fused_options("lamb", cpu) == {}
+
+
+
+def test_both_trainers_build_fused_adamw_on_the_cpu(tmp_path):
+    vision = VisionTrainer(_vision_cfg(tmp_path))
+    assert isinstance(vision.optimizer, torch.optim.AdamW) and vision.optimizer.defaults["fused"] is True
+    sgd = VisionTrainer(_vision_cfg(tmp_path, optimizer="sgd", out=str(tmp_path / "sgd")))
+    assert not sgd.optimizer.defaults.get("fused")
+    model = esh.ESHModel(esh.model.esh_tiny(vocab_size=16, max_seq_len=16))
+    ids = torch.randint(0, 16, (8, 9))
+    lm = LMTrainer(model, torch.utils.data.DataLoader(ids, batch_size=4), LMTrainConfig(max_steps=1, progress=False))
+    assert lm.optimizer.defaults["fused"] is True
