@@ -416,7 +416,6 @@ def test_adam_and_adamw_use_the_fused_kernel_on_cpu_and_cuda_only():
     assert fused_options("adamw", mps) == {} and fused_options("sgd", cpu) == {} and fused_options("lamb", cpu) == {}
 
 
-
 def test_both_trainers_build_fused_adamw_on_the_cpu(tmp_path):
     vision = VisionTrainer(_vision_cfg(tmp_path))
     assert isinstance(vision.optimizer, torch.optim.AdamW) and vision.optimizer.defaults["fused"] is True
