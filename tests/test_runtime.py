@@ -43,10 +43,19 @@ libc = runtime._libc()
 libc.mallinfo2.restype = MallInfo2
 mapped = libc.mallinfo2().hblkhd
 x = torch.empty(1 << 22)  # 16 MiB, as an activation of a small model
-mapped, ptr = libc.mallinfo2().hblkhd - mapped, x.data_ptr()
+mapped = libc.mallinfo2().hblkhd - mapped
 del x
 kept = libc.mallinfo2().fordblks
-reused = torch.empty(1 << 22).data_ptr() == ptr
+# a training loop's steps: the same buffer allocated and freed again and again. Each aligned
+# allocation asks for a little more than the freed block holds, so the heap may hold two such
+# blocks (alternating) before it stops growing; what matters is that it does stop.
+ptrs, arenas = [], []
+for _ in range(20):
+    y = torch.empty(1 << 22)
+    ptrs.append(y.data_ptr())
+    del y
+    arenas.append(libc.mallinfo2().arena)
+reused = len(set(ptrs[2:])) <= 2 and arenas[-1] == arenas[2]
 print(mapped >= 1 << 24, kept >= 1 << 24, reused)
 """
 
@@ -62,7 +71,8 @@ def test_tuned_allocator_keeps_freed_tensors_in_the_heap_for_reuse():
     # step faults its pages in again (1,000 to 163,000 page faults per 20 steps of a small
     # workload here, varying with glibc's dynamic threshold and the kernel's huge pages)
     assert heap("default")[0] == "True"
-    # tuned, it comes from the heap, stays there when freed and is handed out again
+    # tuned, it comes from the heap, stays there when freed and is handed out again: twenty
+    # allocate-and-free rounds settle on at most two blocks and the heap stops growing
     assert heap("tuned") == ["False", "True", "True"]
 
 
