@@ -12,13 +12,12 @@ on attention, mean ponder cost) are printed beside the speed.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from esh.bench.measure import time_call
+from esh.bench.measure import interleaved_medians
 from esh.errors import InputError
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
@@ -95,13 +94,9 @@ def run(
         step()  # warm-up, and the routing statistics of this mode
         steps.append(step)
         stats.append(model.auxiliary_losses(0))
-    times: list[list[float]] = [[] for _ in modes]
-    for _ in range(max(1, repeats)):
-        for i, step in enumerate(steps):
-            times[i].append(time_call(step, repeats=1, warmup=0, max_seconds=max_seconds))
     rows = [
-        Row(label, batch / statistics.median(t), st["attn_fraction"], st["ponder_cost"])
-        for (label, _), t, st in zip(modes, times, stats)
+        Row(label, batch / t, st["attn_fraction"], st["ponder_cost"])
+        for (label, _), t, st in zip(modes, interleaved_medians(steps, repeats, max_seconds), stats)
     ]
     model.set_routing("soft")
     soft = rows[0].images_per_s

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esh._io import atomic_path, save_figure, write_text
-from esh.bench.measure import time_call
+from esh.bench.measure import interleaved_medians, mean_spread
 from esh.errors import InputError
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
@@ -185,11 +185,7 @@ def throughputs(cases: Sequence[tuple[nn.Module, dict | None]], x: Tensor, repea
         model.eval()
         step()
         steps.append(step)
-    times: list[list[float]] = [[] for _ in cases]
-    for _ in range(max(1, repeats)):
-        for i, step in enumerate(steps):
-            times[i].append(time_call(step, repeats=1, warmup=0, max_seconds=60))
-    return [len(x) / statistics.median(t) for t in times]
+    return [len(x) / t for t in interleaved_medians(steps, repeats)]
 
 
 def _esh_modes(fractions: Sequence[float]) -> list[tuple[str, dict]]:
@@ -370,16 +366,6 @@ def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def format_table(rows: list[dict], meta: dict) -> str:
     """Markdown: one line per variant and routing mode (mean ± standard deviation over seeds)."""
     lines = [
@@ -392,18 +378,21 @@ def format_table(rows: list[dict], meta: dict) -> str:
     ]
 
     def r_cell(group: list[dict], key: str) -> str:
-        trained, untrained = _fmt([g.get(key) for g in group], 3), _fmt([g.get(key + "_untrained") for g in group], 3)
+        trained, untrained = (
+            mean_spread([g.get(key) for g in group], 3),
+            mean_spread([g.get(key + "_untrained") for g in group], 3),
+        )
         if trained == "-":
             return ""
         return trained + (f" ({untrained})" if untrained != "-" else "")
 
     for (variant, mode), group in _group(rows).items():
         lines.append(
-            f"| {variant} | {mode} | {_fmt([g['val_acc'] for g in group], 1)} "
-            f"| {_fmt([g['images_per_s'] for g in group], 0)} "
-            f"| {_fmt([100 * g['attn_fraction'] for g in group if 'attn_fraction' in g], 0)} "
-            f"| {_fmt([g.get('ponder_cost') for g in group], 3)} "
-            f"| {_fmt([g.get('mid_share') for g in group], 2)} "
+            f"| {variant} | {mode} | {mean_spread([g['val_acc'] for g in group], 1)} "
+            f"| {mean_spread([g['images_per_s'] for g in group], 0)} "
+            f"| {mean_spread([100 * g['attn_fraction'] for g in group if 'attn_fraction' in g], 0)} "
+            f"| {mean_spread([g.get('ponder_cost') for g in group], 3)} "
+            f"| {mean_spread([g.get('mid_share') for g in group], 2)} "
             f"| {r_cell(group, 'stroke_r')} | {r_cell(group, 'stroke_r_stage0')} |"
         )
     return "\n".join(lines)

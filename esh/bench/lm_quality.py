@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from esh._io import write_text
+from esh.bench.measure import mean_spread
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.errors import InputError
 from esh.train.lm import LMTrainConfig, LMTrainer
@@ -267,14 +268,6 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _mean_spread(values: Sequence[float], digits: int) -> str:
-    """``mean ± sample standard deviation`` (the mean alone for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def summarize(rows: Sequence[dict]) -> dict[str, dict]:
     """Per model, over its seeds: the validation nats and bits per character and the training
     seconds (lists, in seed order), and the training time relative to the GPT of the same seed
@@ -301,11 +294,11 @@ def format_summary(rows: Sequence[dict]) -> str:
     ]
     for name, m in summarize(rows).items():
         r = m["row"]
-        ratio = _mean_spread(m["vs_gpt"], 2) + "x" if m["vs_gpt"] else "-"
+        ratio = mean_spread(m["vs_gpt"], 2) + "x" if m["vs_gpt"] else "-"
         lines.append(
             f"| {name} | {', '.join(map(str, m['seeds']))} | {r['total'] / 1e6:.3f}M | {r['non_embedding'] / 1e6:.3f}M "
-            f"| {r['active'] / 1e6:.3f}M | {_mean_spread(m['nats'], 3)} | {_mean_spread(m['bits'], 3)} "
-            f"| {_mean_spread(m['seconds'], 0)} s | {ratio} |"
+            f"| {r['active'] / 1e6:.3f}M | {mean_spread(m['nats'], 3)} | {mean_spread(m['bits'], 3)} "
+            f"| {mean_spread(m['seconds'], 0)} s | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -315,12 +308,12 @@ def format_router_summary(rows: Sequence[dict]) -> str:
     stats = [r["router"] for r in rows if r.get("router")]
     if not stats:
         return ""
-    cells = [_mean_spread([st["alpha_by_class"][c]["alpha"] for st in stats], 3) for c in CHAR_CLASSES]
+    cells = [mean_spread([st["alpha_by_class"][c]["alpha"] for st in stats], 3) for c in CHAR_CLASSES]
     positions = " / ".join(
         f"{statistics.fmean(st['alpha_by_position'][i] for st in stats):.3f}" for i in range(POSITION_BUCKETS)
     )
     losses = [
-        _mean_spread([st[k] for st in stats], 3) for k in ("val_nats", "val_nats_ssm_only", "val_nats_attention_only")
+        mean_spread([st[k] for st in stats], 3) for k in ("val_nats", "val_nats_ssm_only", "val_nats_attention_only")
     ]
     return "\n".join(
         [

@@ -1,13 +1,15 @@
-"""Wall-clock time and peak memory of a callable, measured the same way for every method."""
+"""Wall-clock time and peak memory of a callable, measured the same way for every method, and
+the mean ± spread every benchmark table prints."""
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,6 +44,30 @@ def time_call(
         if time.perf_counter() - start > max_seconds:
             break
     return min(times) if best else statistics.median(times)
+
+
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]], rounds: int, max_seconds: float = 60.0, device: torch.device | None = None
+) -> list[float]:
+    """Median seconds of each callable over ``rounds`` rounds, each round calling every one once
+    in turn, so that the load of other work on a shared machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, rounds)):
+        for i, fn in enumerate(fns):
+            times[i].append(time_call(fn, repeats=1, warmup=0, max_seconds=max_seconds, device=device))
+    return [statistics.median(t) for t in times]
+
+
+def mean_spread(values: Sequence[float | None], digits: int) -> str:
+    """``mean ± sample standard deviation`` of the values that are numbers (None and NaN left
+    out), the mean alone for one value, ``-`` for none."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _status_bytes(field: str) -> int:

@@ -9,12 +9,11 @@ and each figure is the median over the rounds."""
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from esh.bench.measure import interleaved_medians
 from esh.bench.vision_throughput import build
 from esh.errors import InputError
 
@@ -67,13 +66,8 @@ def run(
                 steps[ours, name, amp], size, params = training_step(name, batch, size, amp)
                 steps[ours, name, amp]()  # warm-up
             info[ours, name] = (size, params)
-    seconds: dict[tuple, list[float]] = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            seconds[key].append(time.perf_counter() - t0)
-    ips = {key: batch / statistics.median(ts) for key, ts in seconds.items()}
+    medians = interleaved_medians(list(steps.values()), repeats)
+    ips = {key: batch / t for key, t in zip(steps, medians)}
     rows = [
         (ours, name, *info[ours, name], ips[ours, name, False], ips.get((ours, name, True)))
         for ours, peer in pairs
