@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from esh._compat import import_timm
-from esh.errors import InputError
+from esh.errors import InputError, is_whole
 from esh.models._checkpoint import (
     CheckpointError,
     download_weights,
@@ -95,16 +95,13 @@ def check_model_args(family: str, kwargs: dict[str, Any], accepted: Iterable[str
                 f"{family} got unexpected arguments {', '.join(hints)}; it takes {', '.join(sorted(accepted))}"
             )
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     if "img_size" in kwargs:
         size = kwargs["img_size"]
         sides = [size] if not isinstance(size, (tuple, list)) else list(size)
-        if len(sides) not in (1, 2) or not all(is_int(v) and v > 0 for v in sides):
+        if len(sides) not in (1, 2) or not all(is_whole(v, 1) for v in sides):
             raise InputError(f"img_size must be a positive int or (height, width) of positive ints; got {size!r}")
     for name, low in (("num_classes", 0), ("in_chans", 1)):
-        if name in kwargs and not (is_int(kwargs[name]) and kwargs[name] >= low):
+        if name in kwargs and not is_whole(kwargs[name], low):
             raise InputError(f"{name} must be an int >= {low}; got {kwargs[name]!r}")
     for name in ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate"):
         v = kwargs.get(name)
