@@ -63,3 +63,18 @@ def run_with_grads(fn, x, seed=1, **kwargs):
     names = [k for k, v in x.items() if v is not None]
     grads = torch.autograd.grad(loss, [x[k] for k in names])
     return out, last, dict(zip(names, grads))
+
+
+def record_backend_calls(monkeypatch, names=("cpu", "chunked")) -> list[str]:
+    """Let the dispatcher choose (``ESH_SCAN_BACKEND`` and ``ESH_CPU_KERNEL`` unset) and wrap the
+    backends ``names`` so that each call appends its name to the returned list."""
+    import importlib
+
+    dispatch = importlib.import_module("esh.ops.selective_scan")  # the package, not the function
+    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
+    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
+    calls: list[str] = []
+    for name in names:
+        fn = dispatch._IMPLS[name]
+        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    return calls

@@ -12,12 +12,11 @@ import importlib
 
 import pytest
 import torch
-from scan_inputs import run_with_grads, scan_inputs, with_grad
+from scan_inputs import record_backend_calls, run_with_grads, scan_inputs, with_grad
 
 from esh.ops.selective_scan import selective_scan, selective_scan_reference
 
 cpu_kernel = importlib.import_module("esh.ops.selective_scan.cpu_kernel")
-dispatch = importlib.import_module("esh.ops.selective_scan")
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no native kernel: {cpu_kernel.build_error()}")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,12 +202,7 @@ def test_gradients_are_the_same_bits_across_runs_and_thread_counts():
 def test_training_through_the_dispatcher_matches_the_chunked_scan(monkeypatch):
     from esh.layers.bimamba import BiMambaMixer
 
-    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
-    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
-    calls = []
-    for name in ("cpu", "chunked"):
-        fn = dispatch._IMPLS[name]
-        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    calls = record_backend_calls(monkeypatch)
     torch.manual_seed(0)
     mixer = BiMambaMixer(32)
     h = torch.randn(2, 21, 32)
@@ -233,11 +227,7 @@ def test_without_a_compiler_training_falls_back_to_the_chunked_scan(monkeypatch,
     monkeypatch.setattr(cpu_kernel, "_build_error", None)
     monkeypatch.setenv("ESH_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
-    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
-    calls = []
-    fn = dispatch._IMPLS["chunked"]
-    monkeypatch.setitem(dispatch._IMPLS, "chunked", lambda *a, **k: calls.append("chunked") or fn(*a, **k))
+    calls = record_backend_calls(monkeypatch, ("chunked",))
     x = _with_state(scan_inputs(dim=16, seqlen=12))
     _, _, grads = run_with_grads(selective_scan, x, delta_softplus=True)
     x64 = {k: v.double() for k, v in x.items()}

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from scan_inputs import scan_inputs
+from scan_inputs import record_backend_calls, scan_inputs
 
 from esh.ops.selective_scan import (
     BackendUnavailableError,
@@ -87,12 +87,7 @@ def test_extreme_steps_stay_finite_and_exact():
 
 @needs_kernel
 def test_dispatcher_takes_the_kernel_for_inference_and_training(monkeypatch):
-    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
-    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
-    calls = []
-    for name in ("cpu", "chunked"):
-        fn = dispatch._IMPLS[name]
-        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    calls = record_backend_calls(monkeypatch)
     x = scan_inputs(dim=16, seqlen=9)
     with torch.no_grad():
         selective_scan(**x)  # inference: the kernel
@@ -133,12 +128,7 @@ def test_initial_state_matches_reference(dtype, groups):
 
 @needs_kernel
 def test_dispatcher_takes_the_kernel_with_an_initial_state_for_inference_and_training(monkeypatch):
-    monkeypatch.delenv("ESH_SCAN_BACKEND", raising=False)
-    monkeypatch.delenv("ESH_CPU_KERNEL", raising=False)
-    calls = []
-    for name in ("cpu", "chunked"):
-        fn = dispatch._IMPLS[name]
-        monkeypatch.setitem(dispatch._IMPLS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    calls = record_backend_calls(monkeypatch)
     x = scan_inputs(dim=16, seqlen=9)
     h0 = _initial_state(x).requires_grad_()
     with torch.no_grad():
