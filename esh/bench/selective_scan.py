@@ -15,7 +15,10 @@ default on the CPU where a C compiler is available), all measured in the same ru
   element are needed).
 
 The inputs are a Mamba block's: softplus(delta + delta_bias) with dt in [1e-3, 1e-1],
-A = -exp(A_log) with the S4D-real init, input-dependent B and C, D and a z gate.
+A = -exp(A_log) with the S4D-real init, input-dependent B and C, D and a z gate. ``--layout``
+picks how u, delta and z lie in memory: ``channel`` (default), contiguous (batch, dim, L) as
+mamba_ssm's Mamba block hands them to its scan, or ``sequence``, (batch, dim, L) views of
+(batch, L, dim) memory as esh's mixers produce them (from a linear layer, untransposed).
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ QUICK_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "small_long": (1, 16, 300, 4),
 }
 METHODS = ("reference", "mambapy", "esh", "esh-cpu")
+LAYOUTS = ("channel", "sequence")
+_PER_CHANNEL = ("u", "delta", "z")  # the (batch, dim, L) inputs whose layout --layout sets
 OURS = ("esh", "esh-cpu")
 
 
-def make_inputs(shape: Sequence[int], seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
+def make_inputs(
+    shape: Sequence[int], seed: int = 0, requires_grad: bool = False, layout: str = "channel"
+) -> dict[str, torch.Tensor]:
     batch, dim, seqlen, dstate = shape
     g = torch.Generator().manual_seed(seed)
     dt_init = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
@@ -61,6 +68,9 @@ def make_inputs(shape: Sequence[int], seed: int = 0, requires_grad: bool = False
         "z": torch.randn(batch, dim, seqlen, generator=g),
         "delta_bias": dt_init + torch.log(-torch.expm1(-dt_init)),  # inverse softplus
     }
+    if layout == "sequence":
+        for k in _PER_CHANNEL:
+            inputs[k] = inputs[k].transpose(1, 2).contiguous().transpose(1, 2)
     return {k: v.requires_grad_(requires_grad) for k, v in inputs.items()}
 
 
@@ -146,9 +156,11 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def _workloads(shape: tuple[int, int, int, int], method: str):
+def _workloads(shape: tuple[int, int, int, int], method: str, layout: str = "channel"):
     """(forward, forward_backward) closures over fresh inputs of ``shape``."""
-    return scan_workloads(method_fn(method), make_inputs(shape), make_inputs(shape, requires_grad=True))
+    return scan_workloads(
+        method_fn(method), make_inputs(shape, layout=layout), make_inputs(shape, requires_grad=True, layout=layout)
+    )
 
 
 def scan_workloads(fn: Callable[[dict], torch.Tensor], fwd_inputs: dict, grad_inputs: dict):
@@ -173,12 +185,13 @@ def bench_shape(
     floor: Floor,
     repeats: int = 5,
     max_seconds: float = 20.0,
+    layout: str = "channel",
 ) -> list[Row]:
     """Times (no memory: see ``measure_peaks``) of every method on one shape."""
     rows = []
     outputs = {}
     for method in [m for m in methods if runs_shape(m, shape)]:
-        forward, forward_backward = _workloads(shape, method)
+        forward, forward_backward = _workloads(shape, method, layout)
         slow = method == "reference"  # one timed call of the loop is plenty
         outputs[method] = forward()
         fwd = time_call(forward, repeats=1 if slow else repeats, warmup=0 if slow else 1, max_seconds=max_seconds)
@@ -196,17 +209,18 @@ def bench_shape(
     return rows
 
 
-def measure_peaks(rows: Sequence[Row]) -> None:
+def measure_peaks(rows: Sequence[Row], layout: str = "channel") -> None:
     """Fill in the peak memory of forward+backward. Run after all timings: measuring memory
     makes the allocator return freed memory to the OS, which slows every later call."""
     for r in rows:
-        _, forward_backward = _workloads(r.shape, r.method)
+        _, forward_backward = _workloads(r.shape, r.method, layout)
         r.peak_bytes = peak_memory(forward_backward)
 
 
-def format_table(rows: Sequence[Row], floor: Floor, threads: int) -> str:
+def format_table(rows: Sequence[Row], floor: Floor, threads: int, layout: str = "channel") -> str:
     lines = [
-        f"selective scan, float32, {threads} threads; floor: exp {floor.exp_per_s / 1e9:.2f} G/s, "
+        f"selective scan, float32, {threads} threads, {layout}-major inputs; "
+        f"floor: exp {floor.exp_per_s / 1e9:.2f} G/s, "
         f"copy {floor.copy_bytes_per_s / 1e9:.1f} GB/s",
         "| shape (batch, dim, L, N) | method | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor "
         "| peak MiB fwd+bwd | max rel err | esh speed-up fwd / fwd+bwd |",
@@ -231,6 +245,7 @@ def run(
     memory: bool = True,
     max_seconds: float = 20.0,
     print_fn: Callable[[str], None] = print,
+    layout: str = "channel",
 ) -> list[Row]:
     if threads:
         torch.set_num_threads(threads)
@@ -239,10 +254,10 @@ def run(
     floor = measure_floor(max(math.prod(s) for s in shapes.values()))
     rows: list[Row] = []
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, methods, floor, repeats=repeats, max_seconds=max_seconds)
+        rows += bench_shape(name, shape, methods, floor, repeats=repeats, max_seconds=max_seconds, layout=layout)
     if memory:
-        measure_peaks(rows)
-    print_fn(format_table(rows, floor, torch.get_num_threads()))
+        measure_peaks(rows, layout)
+    print_fn(format_table(rows, floor, torch.get_num_threads(), layout))
     return rows
 
 
@@ -264,6 +279,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="channel",
+        help="memory layout of u, delta and z: channel = contiguous (batch, dim, L), as mamba_ssm's Mamba "
+        "block passes them (default); sequence = (batch, L, dim) memory, as esh's mixers produce them (CPU only)",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="cpu (this table) or an accelerator such as cuda: every backend that runs there, float32 and "
@@ -279,6 +301,8 @@ def main_from_args(args: argparse.Namespace) -> list:
     if args.device != "cpu":
         from esh.bench import selective_scan_device
 
+        if args.layout != "channel":
+            raise InputError("--layout sequence applies to the CPU table only; leave it out with --device")
         try:
             device = torch.device(args.device)
         except RuntimeError as e:
@@ -286,7 +310,7 @@ def main_from_args(args: argparse.Namespace) -> list:
                 f"--device must be cpu or a torch device such as cuda or cuda:1; got {args.device!r}"
             ) from e
         return selective_scan_device.run(shapes, device, repeats=max(args.repeats, 10))
-    return run(shapes, args.methods, args.threads or None, args.repeats, not args.no_memory)
+    return run(shapes, args.methods, args.threads or None, args.repeats, not args.no_memory, layout=args.layout)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import sys
 
 import pytest
@@ -29,6 +30,28 @@ def test_baselines_compute_the_same_scan():
     for method in bench.available_methods():
         with torch.no_grad():
             torch.testing.assert_close(bench.method_fn(method)(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_layout_is_the_same_scan_over_sequence_major_memory():
+    channel = bench.make_inputs((2, 16, 33, 4))
+    sequence = bench.make_inputs((2, 16, 33, 4), layout="sequence")
+    for k in channel:
+        torch.testing.assert_close(sequence[k], channel[k], rtol=0, atol=0)
+    for k in ("u", "delta", "z"):
+        assert channel[k].is_contiguous() and sequence[k].transpose(1, 2).is_contiguous()
+    floor = bench.measure_floor(1 << 16, repeats=1)
+    rows = bench.bench_shape("t", (1, 16, 16, 4), ["reference", "esh"], floor, repeats=1, layout="sequence")
+    assert rows[-1].max_rel_err < 1e-5
+    assert "sequence-major" in bench.format_table(rows, floor, 1, "sequence")
+
+
+def test_layout_is_a_cpu_option():
+    from esh.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(InputError, match="CPU table only"):
+        bench.main_from_args(parser.parse_args(["--device", "cuda", "--layout", "sequence"]))
 
 
 def test_shapes_the_c_kernel_cannot_run_leave_it_out():

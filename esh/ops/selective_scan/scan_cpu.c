@@ -92,6 +92,27 @@ static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 #define ESH_ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* Asks for the cache lines of step tp of a block to be fetched ahead of their use, in an array
+ * of u's layout (see fwd_item) whose block starts at x + base: the rows of one block are a page
+ * or more apart, which the hardware prefetchers do not follow. Sequence-major (sd == 1) a row
+ * is one line. Channel-major a line holds 16 steps of one channel, so the call fetches channel
+ * k's lines for steps tp .. tp + 15: W calls with k = 0 .. W - 1 cover the block. Channel-major
+ * rows of 1024 steps or more (4 KiB) are left to the hardware, which follows them (measured:
+ * prefetching them was 0-5% slower, against 15-25% faster at L = 197). */
+ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, int64_t L, const int64_t st,
+                                     const int64_t sd, int k, const int rw) {
+    if (!x || (sd != 1 && L >= 1024)) return;
+    if (sd == 1) {
+        __builtin_prefetch(x + base + tp * st, rw, 3);
+    } else {
+        const float *p = x + base + k * sd + tp;
+        __builtin_prefetch(p, rw, 3);
+        __builtin_prefetch(p + (tp + W - 1 < L ? W - 1 : L - 1 - tp), rw, 3);
+    }
+}
+
+#define ESH_PREFETCH_STEPS 16 /* how far ahead the forward prefetches */
+
 /* One block of W channels of one sequence; (b * L * dim + t * st + d * sd) is the offset of
  * (b, t, d) in u, delta, z and y: st = dim, sd = 1 sequence-major, st = 1, sd = L channel-major
  * (the two callers below pass them as constants, so each layout gets its own compiled loop). */
@@ -127,6 +148,18 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
         const int64_t row = b * L * dim + t * st + d0 * sd;
         const float *bt = Bm + ((b * L + t) * GB + gb) * N;
         const float *ct = Cm + ((b * L + t) * GC + gc) * N;
+        const int64_t tp = t + ESH_PREFETCH_STEPS;
+        if (tp < L) {
+            const int64_t base = b * L * dim + d0 * sd;
+            const int k = (int)(t % W);
+            prefetch_step(delta, base, tp, L, st, sd, k, 0);
+            prefetch_step(u, base, tp, L, st, sd, k, 0);
+            prefetch_step(z, base, tp, L, st, sd, k, 0);
+            prefetch_step(y, base, tp, L, st, sd, k, 1);
+            prefetch_step(y_pre, base, tp, L, st, sd, k, 1);
+            __builtin_prefetch(bt + ESH_PREFETCH_STEPS * GB * N, 0, 3);
+            __builtin_prefetch(ct + ESH_PREFETCH_STEPS * GC * N, 0, 3);
+        }
         float dt[W], dtu[W], acc[W];
 #pragma omp simd
         for (int k = 0; k < W; ++k) {
@@ -240,6 +273,20 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             const float *bt = Bm + ((b * L + t) * GB + gb) * N;
             float *hj = hs + j * N * W, *aj = as + j * N * W;
             const float *hp = j ? hj - N * W : h0;
+            if (c) { /* the same step of the chunk done next */
+                const int64_t base = b * L * dim + d0 * sd, tp = t - K;
+                const int k = (int)(j % W);
+                prefetch_step(delta, base, tp, L, st, sd, k, 0);
+                prefetch_step(u, base, tp, L, st, sd, k, 0);
+                prefetch_step(dout, base, tp, L, st, sd, k, 0);
+                prefetch_step(z, base, tp, L, st, sd, k, 0);
+                prefetch_step(y_pre, base, tp, L, st, sd, k, 0);
+                prefetch_step(du, base, tp, L, st, sd, k, 1);
+                prefetch_step(ddelta, base, tp, L, st, sd, k, 1);
+                prefetch_step(dz, base, tp, L, st, sd, k, 1);
+                __builtin_prefetch(bt - K * GB * N, 0, 3);
+                __builtin_prefetch(Cm + ((b * L + tp) * GC + gc) * N, 0, 3);
+            }
             float dt[W], dtu[W];
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
