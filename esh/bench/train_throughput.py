@@ -4,7 +4,13 @@ autocast), random data at the esh model's default input size (the peer gets the 
 
 Every (model, mode) is built and warmed up first; then each round times one training step of
 every (model, mode) in turn, so that a busy or throttling machine slows all of them alike,
-and each figure is the median over the rounds."""
+and each figure is the median over the rounds.
+
+``--lm`` times the language models of ``benchmarks/lm_quality.py`` instead (ESH LM, the GPT and
+the pure Mamba LM at that benchmark's sizes): each round runs ``--lm-steps`` optimizer steps of
+each model's own ``LMTrainer`` with that benchmark's recipe (12 x 64 tokens of the character-level
+Shakespeare corpus, AdamW, clipping, the MoE's auxiliary losses), and the table gives training
+tokens/s and each model's time per token relative to the GPT's."""
 
 from __future__ import annotations
 
@@ -88,6 +94,69 @@ def run(
     return rows
 
 
+LM_MODELS = ("esh", "gpt", "mamba")
+
+
+def lm_trainer(name: str, data, seed: int = 0, steps: int = 100_000):
+    """An ``LMTrainer`` of lm_quality's model ``name`` with its recipe, on ``data`` (an
+    ``LMData``), ready to run up to ``steps`` optimizer steps."""
+    from torch.utils.data import DataLoader
+
+    from esh.bench.lm_quality import build_model, recipe
+    from esh.data.text import RandomBlockDataset
+    from esh.train.lm import LMTrainer
+
+    cfg = recipe(steps, seed)
+    torch.manual_seed(seed)
+    model = build_model(name, data.tokenizer.vocab_size, cfg.block_size)
+    windows = RandomBlockDataset(data.train, cfg.block_size, num_samples=steps * cfg.batch_size, seed=seed)
+    return LMTrainer(model, DataLoader(windows, batch_size=cfg.batch_size), cfg)
+
+
+def run_lm(
+    models: Sequence[str] = LM_MODELS,
+    steps: int = 20,
+    threads: int | None = 2,
+    repeats: int = 3,
+    data=None,
+    print_fn: Callable[[str], None] = print,
+) -> list[tuple]:
+    """Rows (model, parameters, training tokens/s, time per token / the GPT's or None): each
+    round runs ``steps`` optimizer steps of every model in turn (after ``steps`` of warm-up)."""
+    from esh.bench.lm_quality import count_parameters
+    from esh.data.text import prepare_lm_data
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = data if data is not None else prepare_lm_data("shakespeare", tokenizer="char")
+    trainers = {name: lm_trainer(name, data, steps=steps * (repeats + 1)) for name in models}
+
+    def advance(trainer):
+        return lambda: trainer.train(until=trainer.step + steps)
+
+    for trainer in trainers.values():
+        advance(trainer)()  # warm-up
+    medians = interleaved_medians([advance(t) for t in trainers.values()], repeats)
+    tokens = steps * trainers[models[0]].config.batch_size * trainers[models[0]].config.block_size
+    tps = {name: tokens / t for name, t in zip(trainers, medians)}
+    gpt = tps.get("gpt")
+    rows = [
+        (name, count_parameters(t.model)["total"], tps[name], gpt / tps[name] if gpt else None)
+        for name, t in trainers.items()
+    ]
+    lines = [
+        f"language-model training (lm_quality's models and recipe, 12 x 64 tokens per step), "
+        f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds of {steps} steps",
+        "| model | params | train tokens/s | time / GPT's |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, params, rate, rel in rows:
+        rel_text = "-" if rel is None else f"{rel:.2f}x"
+        lines.append(f"| {name} | {params / 1e6:.2f}M | {rate:,.0f} | {rel_text} |")
+    print_fn("\n".join(lines))
+    return rows
+
+
 def _pair_names() -> list[str]:
     return [ours for ours, _ in PAIRS]
 
@@ -100,6 +169,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pairs", nargs="+", metavar="ESH_MODEL", help=f"only these pairs, named by their esh model: {_pair_names()}"
     )
     parser.add_argument("--no-bf16", action="store_true", help="float32 only")
+    parser.add_argument(
+        "--lm",
+        nargs="*",
+        choices=LM_MODELS,
+        metavar="MODEL",
+        help=f"time the language models of lm_quality instead of the vision pairs (some of {list(LM_MODELS)}; "
+        "default all)",
+    )
+    parser.add_argument("--lm-steps", type=int, default=20, help="optimizer steps per model per round (--lm)")
 
 
 def select_pairs(names: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
@@ -114,5 +192,12 @@ def select_pairs(names: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    run(select_pairs(args.pairs), args.batch_size, args.threads or None, args.repeats, not args.no_bf16)
+    main_from_args(parser.parse_args(argv))
+
+
+def main_from_args(args: argparse.Namespace) -> list[tuple]:
+    if args.lm is not None:
+        if args.lm_steps < 1:
+            raise InputError(f"--lm-steps must be a positive number of steps; got {args.lm_steps}")
+        return run_lm(tuple(args.lm) or LM_MODELS, args.lm_steps, args.threads or None, args.repeats)
+    return run(select_pairs(args.pairs), args.batch_size, args.threads or None, args.repeats, not args.no_bf16)

@@ -14,7 +14,10 @@ import sys
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "scan": ("selective_scan", "selective scan: esh vs the reference loop and mambapy"),
     "vision": ("vision_throughput", "images/s of esh's vision models beside timm's"),
-    "train": ("train_throughput", "training images/s of each esh vision family beside a timm model"),
+    "train": (
+        "train_throughput",
+        "training images/s of each esh vision family beside a timm model; --lm: LM tokens/s beside the GPT",
+    ),
     "train-step": ("train_step_profile", "s/step of one training step (Vim, ESH-Vision, ESH LM) and its op profile"),
     "elastic": ("elastic_compute", "ESH-Vision: soft vs hard routing at attention budgets"),
     "routing": ("esh_routing", "ESH-Vision trained with and without routing terms: accuracy vs img/s, α statistics"),

@@ -112,10 +112,10 @@ class BiMambaMixer(nn.Module):
                 torch.cat([x, rev(x)], -1),
                 torch.cat([c.weight[:, 0] for c in convs]),
                 torch.cat([c.bias for c in convs]),
+                activation="silu",
             )
         gate = F.silu(z)
         del x, z  # in_proj's output is freed (long sequences: peak memory is a few (batch, L, 2d) tensors)
-        u = F.silu(u)
         # x_proj of both directions as one batched matmul over [forward | backward] halves of u
         w_x = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)  # (2, d, r + 2n)
         x_dbl = torch.bmm(u.view(batch * seqlen, 2, d).transpose(0, 1), w_x)  # (2, batch * L, r + 2n)
@@ -193,7 +193,7 @@ class BiMambaMixer(nn.Module):
                     x, z = self.in_proj(hidden_states[:, t0:c1]).chunk(2, dim=-1)
                     x, z, lead = x.flip(1), z[:, : t1 - t0], c1 - t1
                 z = z[:, lead:] if not backward else z
-                u = F.silu(_causal_conv(x, conv)[:, lead:])  # (batch, T, d), in scan order
+                u = _causal_conv(x, conv)[:, lead:]  # (batch, T, d), in scan order
                 dt, B, C = torch.split(x_proj(u), [r, n, n], dim=-1)
                 delta = F.linear(dt, dt_proj.weight)
                 y, state = selective_scan(
@@ -252,7 +252,7 @@ def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
 
 
 def _causal_conv(x: Tensor, conv: nn.Conv1d, out: Tensor | None = None) -> Tensor:
-    """Depthwise causal conv of (batch, L, d) in that layout: out[t] = bias + sum_j w[K-1-j] x[t-j]
-    (``depthwise_conv``: K shifted multiply-adds, no transpose, no padded copy); written into
-    ``out`` when given."""
-    return depthwise_conv(x, conv.weight[:, 0], conv.bias, out=out)
+    """Depthwise causal conv of (batch, L, d) in that layout and its SiLU:
+    out[t] = silu(bias + sum_j w[K-1-j] x[t-j]) (``depthwise_conv``: no transpose, no padded
+    copy); written into ``out`` when given."""
+    return depthwise_conv(x, conv.weight[:, 0], conv.bias, out=out, activation="silu")

@@ -8,14 +8,26 @@ multiply-adds; under autograd it is one ``torch.autograd.Function`` whose backwa
 multiply-adds for the input's gradient and K products summed for the weight's, instead of the
 many small slice, select and in-place-view backward ops that autograd records for the shifted
 form.
+
+On the CPU, for float32 tensors whose channels are contiguous, the convolution (and the SiLU the
+Mamba mixers apply to it, ``activation="silu"``) runs as one fused C loop each way instead
+(``conv_cpu.c``, built with the selective scan's kernel, ``esh.ops.selective_scan.cpu_kernel``):
+one pass over the activations where the shifted form makes K, and the backward recomputes the
+pre-activation rather than keeping it. Its weight and bias gradients are summed from per-block
+partials in a fixed order (the same bits for any number of threads). ``ESH_CPU_KERNEL=0``, other
+dtypes and devices use the PyTorch form.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from esh.errors import InputError
+
 __all__ = ["depthwise_conv"]
+ACTIVATIONS = (None, "silu")
 
 
 def _shift_add(out: Tensor, x: Tensor, w: Tensor, s: int) -> None:
@@ -71,21 +83,105 @@ class _DepthwiseConv(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None):
+    """The C library when it can run these tensors, else None."""
+    tensors = [t for t in (x, weight, bias, out) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if x.dim() != 3 or x.stride(-1) != 1 or (out is not None and out.stride(-1) != 1):
+        return None
+    from esh.ops.selective_scan import cpu_kernel
+
+    return cpu_kernel.library()
+
+
+def _c_forward(lib, x: Tensor, w: Tensor, bias: Tensor | None, left: int, silu: bool, out: Tensor | None) -> Tensor:
+    batch, seqlen, dim = x.shape
+    wt = w.t().contiguous()  # (K, channels)
+    bias = None if bias is None else bias.contiguous()
+    if out is None:
+        out = x.new_empty(batch, seqlen, dim)
+    lib.esh_dwconv_fwd_f32(
+        x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), out.stride(0), out.stride(1), batch, seqlen, dim, w.shape[1], left, int(silu),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+class _DepthwiseConvCpu(torch.autograd.Function):
+    """The fused C convolution (and SiLU), forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, left: int, silu: bool) -> Tensor:
+        from esh.ops.selective_scan import cpu_kernel
+
+        ctx.save_for_backward(x, w, bias)
+        ctx.left, ctx.silu = left, silu
+        return _c_forward(cpu_kernel.library(), x, w, bias, left, silu, None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        from esh.ops.selective_scan import cpu_kernel
+
+        lib = cpu_kernel.library()
+        x, w, bias = ctx.saved_tensors
+        batch, seqlen, dim = x.shape
+        k = w.shape[1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.float().contiguous()
+        wt = w.t().contiguous()
+        items = lib.esh_dwconv_items(batch, seqlen)
+        dx = x.new_empty(batch, seqlen, dim) if need_x else None
+        dw_part = x.new_empty(items, k, dim)
+        db_part = x.new_empty(items, dim) if bias is not None else None
+        gpre = torch.empty_like(grad) if ctx.silu else None
+        bias = None if bias is None else bias.contiguous()
+        lib.esh_dwconv_bwd_f32(
+            x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), None if bias is None else bias.data_ptr(),
+            grad.data_ptr(), None if gpre is None else gpre.data_ptr(), None if dx is None else dx.data_ptr(),
+            dw_part.data_ptr(), None if db_part is None else db_part.data_ptr(), batch, seqlen, dim, k, ctx.left,
+            int(ctx.silu), torch.get_num_threads(),
+        )  # fmt: skip
+        dw = db = None
+        if need_w:
+            dw = cpu_kernel._reduce(lib, dw_part, 1, items).view(k, dim).t()
+        if need_b and db_part is not None:
+            db = cpu_kernel._reduce(lib, db_part, 1, items).view(dim)
+        return dx, dw, db, None, None
+
+
 def depthwise_conv(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, left: int | None = None, out: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    left: int | None = None,
+    out: Tensor | None = None,
+    activation: str | None = None,
 ) -> Tensor:
     """Depthwise conv of ``x`` (batch, L, channels) with ``weight`` (channels, K) (a Conv1d's
     (channels, 1, K) weight squeezed) and ``bias`` (channels,) or None; ``left`` zeros of padding
-    before the sequence (default K - 1: causal) and K - 1 - left after it. The result has
-    x's layout (batch, L, channels), in the promoted dtype of ``x`` and the weight (as ``addcmul``
-    gives), and is written into ``out`` when given (not under autograd)."""
+    before the sequence (default K - 1: causal) and K - 1 - left after it; then ``activation``
+    (None or ``"silu"``). The result has x's layout (batch, L, channels), in the promoted dtype of
+    ``x`` and the weight (as ``addcmul`` gives), and is written into ``out`` when given (not
+    under autograd)."""
+    if activation not in ACTIVATIONS:
+        raise InputError(f"depthwise_conv: activation must be one of {ACTIVATIONS}; got {activation!r}")
     k = weight.shape[1]
     left = k - 1 if left is None else left
+    silu = activation == "silu"
     recording = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    if recording and out is not None:
+        raise RuntimeError("depthwise_conv: out= cannot record gradients")
+    lib = _kernel(x, weight, bias, out)
+    if lib is not None:
+        if recording:
+            return _DepthwiseConvCpu.apply(x, weight, bias, left, silu)
+        return _c_forward(lib, x, weight, bias, left, silu, out)
     if recording:
-        if out is not None:
-            raise RuntimeError("depthwise_conv: out= cannot record gradients")
-        return _DepthwiseConv.apply(x, weight, bias, left)
-    return _forward(x, weight, bias, left, out)
+        y = _DepthwiseConv.apply(x, weight, bias, left)
+        return F.silu(y) if silu else y
+    y = _forward(x, weight, bias, left, out)
+    return F.silu(y, inplace=True) if silu else y

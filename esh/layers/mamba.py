@@ -131,7 +131,7 @@ class Mamba(nn.Module):
             conv_state.copy_(F.pad(x.transpose(1, 2), (self.d_conv - seqlen, 0)))
         # causal; the weights in x's dtype, as conv1d under autocast takes them
         bias = None if self.conv1d.bias is None else self.conv1d.bias.to(x.dtype)
-        x = F.silu(depthwise_conv(x, self.conv1d.weight[:, 0].to(x.dtype), bias))
+        x = depthwise_conv(x, self.conv1d.weight[:, 0].to(x.dtype), bias, activation="silu")
         if keep is not None:
             x = x * keep
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -49,7 +49,7 @@ ENV_VAR = "ESH_CPU_KERNEL"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 16  # channels per block of the C loop (W in scan_cpu.c)
 MAX_STATES = 64  # ESH_MAX_N in scan_cpu.c
-_SOURCE = Path(__file__).with_name("scan_cpu.c")
+_SOURCES = (Path(__file__).with_name("scan_cpu.c"), Path(__file__).with_name("conv_cpu.c"))
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     ["-O3", "-march=native", "-ffast-math"],  # compilers without OpenMP (Apple clang): one thread
@@ -82,13 +82,13 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, flags: list[str]) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:20]
     target = cache_dir() / f"scan_cpu-{key}.so"
     if target.exists():
         return target
     with atomic_path(target, mode=0o777) as tmp:  # another process never loads a half-written library
-        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(_SOURCE), "-lm"]
+        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(tmp), *map(str, _SOURCES), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
@@ -123,6 +123,14 @@ def _load() -> ctypes.CDLL | None:
             lib.esh_scan_bwd_f32.argtypes = [ptr] * 9 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
             lib.esh_scan_reduce_f32.restype = None
             lib.esh_scan_reduce_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
+            # conv_cpu.c: x, x strides (batch, step), w, bias, out, out strides, batch, L, dim, K, left, silu, threads
+            lib.esh_dwconv_fwd_f32.restype = None
+            lib.esh_dwconv_fwd_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64] + [i64] * 5 + [cint] * 2
+            lib.esh_dwconv_items.restype = i64
+            lib.esh_dwconv_items.argtypes = [i64, i64]
+            # x, x strides, w, bias, g, gpre, dx, dw_part, db_part, batch, L, dim, K, left, silu, threads
+            lib.esh_dwconv_bwd_f32.restype = None
+            lib.esh_dwconv_bwd_f32.argtypes = [ptr, i64, i64] + [ptr] * 7 + [i64] * 5 + [cint] * 2
             _lib = lib
             return lib
         _build_error = "; ".join(errors)
@@ -137,6 +145,13 @@ def _load() -> ctypes.CDLL | None:
 
 def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on first use), or None where it is disabled
+    (``ESH_CPU_KERNEL=0``) or does not build. Besides the scan it holds the depthwise
+    convolution of ``esh.layers.conv`` (``conv_cpu.c``)."""
+    return _load() if enabled() else None
 
 
 def available() -> bool:
