@@ -84,7 +84,11 @@ class _DepthwiseConv(torch.autograd.Function):
 
 
 def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None):
-    """The C library when it can run these tensors, else None."""
+    """The C library when it can run these tensors, else None. Never while torch.compile, FX or
+    the JIT trace the model (exports included): they need the convolution as tensor operations,
+    not as a call they cannot see into."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return None
     tensors = [t for t in (x, weight, bias, out) if t is not None]
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
