@@ -221,7 +221,7 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
  *                                    over the blocks of a B group by the caller
  *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
  *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
- * Each item needs 2 K N W + K W floats of scratch (malloc'ed); returns the number of items whose
+ * Each item needs 2 K N W + 2 K W floats of scratch (malloc'ed); returns the number of items whose
  * scratch could not be allocated (their gradients are then unwritten: the caller raises).
  * u, delta, z, dout, du, ddelta and dz share one layout: seq_major, else (batch, dim, L). */
 /* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
@@ -240,11 +240,12 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
     const int64_t blk = item % blocks;
     const int64_t d0 = blk * W;
     const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 1)));
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 2)));
     if (!scratch) return 1;
     float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
     float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
     float *dts = as + K * N * W;     /* (K, W): the steps */
+    float *dsp = dts + K * W;        /* (K, W): d(step)/d(delta + bias), the softplus's slope */
     float g[ESH_MAX_N][W];           /* the adjoint of the state */
     float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
     float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
@@ -291,9 +292,15 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 float x = delta[row + k * sd] + bias_k[k];
-                if (softplus) x = softplus_f(x);
+                float slope = 1.0f;
+                if (softplus) { /* softplus(x) = log1p(e^x), its slope e^x / (1 + e^x) */
+                    const float e = expf(fminf(x, 20.0f));
+                    slope = x > 20.0f ? 1.0f : e / (1.0f + e);
+                    x = x > 20.0f ? x : log1pf(e);
+                }
                 dt[k] = x;
                 dts[j * W + k] = x;
+                dsp[j * W + k] = slope;
                 dtu[k] = x * u[row + k * sd];
             }
             for (int64_t n = 0; n < N; ++n) {
@@ -350,13 +357,9 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             store16(ddt, ddtv);
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
-                float d = ddt[k] * LN2 + ddtu[k] * uk[k];
+                const float d = (ddt[k] * LN2 + ddtu[k] * uk[k]) * dsp[j * W + k];
                 du[row + k * sd] = ddtu[k] * dt[k] + dy[k] * D_k[k];
                 dD_acc[k] += dy[k] * uk[k];
-                if (softplus) {
-                    const float x = delta[row + k * sd] + bias_k[k];
-                    d *= x > 20.0f ? 1.0f : sigmoid_f(x);
-                }
                 ddelta[row + k * sd] = d;
                 dbias_acc[k] += d;
             }
