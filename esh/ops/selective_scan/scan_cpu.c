@@ -11,7 +11,8 @@
  *
  * with A2 = A * log2(e). Layouts (all contiguous, float32):
  *   u, delta, z, out (batch, L, dim)      sequence-major, as the mixers produce them, or all
- *                    (batch, dim, L) channel-major (seq_major = 0)
+ *                    (batch, dim, L) channel-major (seq_major = 0), which the loops read and
+ *                    write through 16 x 16 transposed tiles (transpose16)
  *   A2               (N, dim)
  *   Bm               (batch, L, GB, N)    one B per group of dim / GB channels
  *   Cm               (batch, L, GC, N)    one C per group of dim / GC channels
@@ -86,6 +87,63 @@ static inline float sum16(v16 v) {
     return s;
 }
 
+/* dst[j * ds + k] = src[k * ss + j] for j, k < 16: a 16 x 16 transpose in registers, four stages
+ * that each swap one bit of the row and the column index. Channel-major (batch, dim, L) memory
+ * goes through it 16 steps at a time: 16 vector loads, the transpose and 16 stores in place of
+ * 256 single-float gathers. */
+typedef int32_t vi16 __attribute__((vector_size(W * sizeof(int32_t))));
+#if defined(__clang__)
+#define ESH_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define ESH_SHUF(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
+#endif
+
+static inline void transpose16(const float *src, int64_t ss, float *dst, int64_t ds) {
+    v16 r[W];
+    for (int i = 0; i < W; ++i) r[i] = load16(src + i * ss);
+    for (int i = 0; i < W; ++i)
+        if (!(i & 1)) {
+            const v16 a = r[i], c = r[i + 1];
+            r[i] = ESH_SHUF(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+            r[i + 1] = ESH_SHUF(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+        }
+    for (int i = 0; i < W; ++i)
+        if (!(i & 2)) {
+            const v16 a = r[i], c = r[i + 2];
+            r[i] = ESH_SHUF(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+            r[i + 2] = ESH_SHUF(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        }
+    for (int i = 0; i < W; ++i)
+        if (!(i & 4)) {
+            const v16 a = r[i], c = r[i + 4];
+            r[i] = ESH_SHUF(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+            r[i + 4] = ESH_SHUF(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        }
+    for (int i = 0; i < W; ++i)
+        if (!(i & 8)) {
+            const v16 a = r[i], c = r[i + 8];
+            r[i] = ESH_SHUF(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+            r[i + 8] = ESH_SHUF(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        }
+    for (int i = 0; i < W; ++i) store16(dst + i * ds, r[i]);
+}
+
+/* Steps t .. t + T - 1 of a block's W channels in channel-major memory (channel k's at
+ * x[k * sd + j]) to and from a (T, W) buffer of rows: 16 steps at a time through transpose16. */
+static inline void tile_in(const float *x, int64_t sd, int64_t T, float *buf) {
+    int64_t j = 0;
+    for (; j + W <= T; j += W) transpose16(x + j, sd, buf + j * W, W);
+    for (; j < T; ++j)
+        for (int k = 0; k < W; ++k) buf[j * W + k] = x[k * sd + j];
+}
+
+static inline void tile_out(const float *buf, int64_t T, float *x, int64_t sd) {
+    int64_t j = 0;
+    for (; j + W <= T; j += W) transpose16(buf + j * W, W, x + j, sd);
+    for (; j < T; ++j)
+        for (int k = 0; k < W; ++k) x[k * sd + j] = buf[j * W + k];
+}
+
 static inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(fminf(x, 20.0f))); }
 
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -96,12 +154,10 @@ static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
  * of u's layout (see fwd_item) whose block starts at x + base: the rows of one block are a page
  * or more apart, which the hardware prefetchers do not follow. Sequence-major (sd == 1) a row
  * is one line. Channel-major a line holds 16 steps of one channel, so the call fetches channel
- * k's lines for steps tp .. tp + 15: W calls with k = 0 .. W - 1 cover the block. Channel-major
- * rows of 1024 steps or more (4 KiB) are left to the hardware, which follows them (measured:
- * prefetching them was 0-5% slower, against 15-25% faster at L = 197). */
+ * k's lines for steps tp .. tp + 15: W calls with k = 0 .. W - 1 cover the block. */
 ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, int64_t L, const int64_t st,
                                      const int64_t sd, int k, const int rw) {
-    if (!x || (sd != 1 && L >= 1024)) return;
+    if (!x) return;
     if (sd == 1) {
         __builtin_prefetch(x + base + tp * st, rw, 3);
     } else {
@@ -112,6 +168,40 @@ ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, i
 }
 
 #define ESH_PREFETCH_STEPS 16 /* how far ahead the forward prefetches */
+
+/* One step of the forward for one block: the inputs' and outputs' W values at p + k * ps. */
+ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, float *pyp,
+                                const int64_t ps, const float *bt, const float *ct, float (*h)[W], float (*a2)[W],
+                                const float *bias_k, const float *D_k, int64_t N, int softplus) {
+    float dt[W], dtu[W], acc[W];
+#pragma omp simd
+    for (int k = 0; k < W; ++k) {
+        float x = pd[k * ps] + bias_k[k];
+        if (softplus) x = softplus_f(x);
+        dt[k] = x;
+        dtu[k] = x * pu[k * ps];
+        acc[k] = D_k[k] * pu[k * ps];
+    }
+    for (int64_t n = 0; n < N; ++n) {
+        const float bn = bt[n], cn = ct[n];
+#pragma omp simd
+        for (int k = 0; k < W; ++k) {
+            const float hn = esh_exp2f(dt[k] * a2[n][k]) * h[n][k] + dtu[k] * bn;
+            h[n][k] = hn;
+            acc[k] += cn * hn;
+        }
+    }
+    if (pz) {
+#pragma omp simd
+        for (int k = 0; k < W; ++k) {
+            const float zk = pz[k * ps];
+            py[k * ps] = acc[k] * zk * sigmoid_f(zk);
+            if (pyp) pyp[k * ps] = acc[k];
+        }
+    } else {
+        for (int k = 0; k < W; ++k) py[k * ps] = acc[k];
+    }
+}
 
 /* One block of W channels of one sequence; (b * L * dim + t * st + d * sd) is the offset of
  * (b, t, d) in u, delta, z and y: st = dim, sd = 1 sequence-major, st = 1, sd = L channel-major
@@ -130,6 +220,8 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
     float h[ESH_MAX_N][W];
     float a2[ESH_MAX_N][W];
     float bias_k[W], D_k[W];
+    const int tiles = sd != 1; /* channel-major: 16 steps at a time through transposed tiles */
+    float tdelta[W * W], tu[W * W], tz[W * W], ty[W * W], typ[W * W];
     for (int64_t n = 0; n < N; ++n)
         for (int k = 0; k < W; ++k) {
             h[n][k] = h_init ? h_init[(b * dim + d0 + k) * N + n] : 0.0f;
@@ -160,33 +252,23 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
             __builtin_prefetch(bt + ESH_PREFETCH_STEPS * GB * N, 0, 3);
             __builtin_prefetch(ct + ESH_PREFETCH_STEPS * GC * N, 0, 3);
         }
-        float dt[W], dtu[W], acc[W];
-#pragma omp simd
-        for (int k = 0; k < W; ++k) {
-            float x = delta[row + k * sd] + bias_k[k];
-            if (softplus) x = softplus_f(x);
-            dt[k] = x;
-            dtu[k] = x * u[row + k * sd];
-            acc[k] = D_k[k] * u[row + k * sd];
-        }
-        for (int64_t n = 0; n < N; ++n) {
-            const float bn = bt[n], cn = ct[n];
-#pragma omp simd
-            for (int k = 0; k < W; ++k) {
-                const float hn = esh_exp2f(dt[k] * a2[n][k]) * h[n][k] + dtu[k] * bn;
-                h[n][k] = hn;
-                acc[k] += cn * hn;
+        const int64_t jt = t % W;
+        if (tiles && t - jt + W <= L) { /* channel-major: this step's row of a transposed tile */
+            const int64_t at = b * L * dim + d0 * sd + t - jt; /* channel 0, the tile's first step */
+            if (jt == 0) {
+                transpose16(delta + at, sd, tdelta, W);
+                transpose16(u + at, sd, tu, W);
+                if (z) transpose16(z + at, sd, tz, W);
             }
-        }
-        if (z) {
-#pragma omp simd
-            for (int k = 0; k < W; ++k) {
-                const float zk = z[row + k * sd];
-                y[row + k * sd] = acc[k] * zk * sigmoid_f(zk);
-                if (y_pre) y_pre[row + k * sd] = acc[k];
+            fwd_step(tdelta + jt * W, tu + jt * W, z ? tz + jt * W : 0, ty + jt * W, y_pre ? typ + jt * W : 0, 1,
+                     bt, ct, h, a2, bias_k, D_k, N, softplus);
+            if (jt == W - 1) {
+                transpose16(ty, W, y + at, sd);
+                if (y_pre) transpose16(typ, W, y_pre + at, sd);
             }
         } else {
-            for (int k = 0; k < W; ++k) y[row + k * sd] = acc[k];
+            fwd_step(delta + row, u + row, z ? z + row : 0, y + row, y_pre ? y_pre + row : 0, sd, bt, ct, h, a2,
+                     bias_k, D_k, N, softplus);
         }
     }
     if (h_last)
@@ -221,7 +303,7 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
  *                                    over the blocks of a B group by the caller
  *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
  *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
- * Each item needs 2 K N W + 2 K W floats of scratch (malloc'ed); returns the number of items whose
+ * Each item needs 2 K N W + 2 K W floats of scratch (and 8 K W channel-major) (malloc'ed); returns the number of items whose
  * scratch could not be allocated (their gradients are then unwritten: the caller raises).
  * u, delta, z, dout, du, ddelta and dz share one layout: seq_major, else (batch, dim, L). */
 /* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
@@ -240,12 +322,14 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
     const int64_t blk = item % blocks;
     const int64_t d0 = blk * W;
     const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 2)));
+    const int tiles = sd != 1; /* channel-major: each chunk's rows through transposed tiles */
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 2 + (tiles ? 8 : 0))));
     if (!scratch) return 1;
     float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
     float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
     float *dts = as + K * N * W;     /* (K, W): the steps */
     float *dsp = dts + K * W;        /* (K, W): d(step)/d(delta + bias), the softplus's slope */
+    float *tile = dsp + K * W;       /* channel-major: (K, W) rows of delta, u, dout, z, y_pre, du, ddelta, dz */
     float g[ESH_MAX_N][W];           /* the adjoint of the state */
     float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
     float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
@@ -267,10 +351,31 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
         const int64_t t0 = c * K;
         const int64_t T = (L - t0) < K ? (L - t0) : K;
         const float *h0 = ckpt + ((b * nchunks + c) * blocks + blk) * N * W;
+        /* the chunk's rows: (b, t0 + j, d0 + k) at x[j * rs + k] of x = its own memory sequence-major,
+         * a transposed copy channel-major */
+        const int64_t at = b * L * dim + t0 * st + d0 * sd;
+        const float *xdelta = delta + at, *xu = u + at, *xdout = dout + at, *xz = z ? z + at : 0;
+        const float *xyp = y_pre ? y_pre + at : 0;
+        float *xdu = du + at, *xddelta = ddelta + at, *xdz = dz ? dz + at : 0;
+        int64_t rs = st;
+        if (tiles) {
+            float *cd = tile, *cu = tile + K * W, *co = tile + 2 * K * W, *cz = tile + 3 * K * W;
+            float *cy = tile + 4 * K * W;
+            tile_in(delta + at, sd, T, cd);
+            tile_in(u + at, sd, T, cu);
+            tile_in(dout + at, sd, T, co);
+            if (z) {
+                tile_in(z + at, sd, T, cz);
+                tile_in(y_pre + at, sd, T, cy);
+            }
+            xdelta = cd, xu = cu, xdout = co, xz = z ? cz : 0, xyp = z ? cy : 0;
+            xdu = tile + 5 * K * W, xddelta = tile + 6 * K * W, xdz = z ? tile + 7 * K * W : 0;
+            rs = W;
+        }
         /* recompute the chunk's steps, decays and states */
         for (int64_t j = 0; j < T; ++j) {
             const int64_t t = t0 + j;
-            const int64_t row = b * L * dim + t * st + d0 * sd;
+            const int64_t row = j * rs;
             const float *bt = Bm + ((b * L + t) * GB + gb) * N;
             float *hj = hs + j * N * W, *aj = as + j * N * W;
             const float *hp = j ? hj - N * W : h0;
@@ -291,7 +396,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             float dt[W], dtu[W];
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
-                float x = delta[row + k * sd] + bias_k[k];
+                float x = xdelta[row + k] + bias_k[k];
                 float slope = 1.0f;
                 if (softplus) { /* softplus(x) = log1p(e^x), its slope e^x / (1 + e^x) */
                     const float e = expf(fminf(x, 20.0f));
@@ -301,7 +406,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 dt[k] = x;
                 dts[j * W + k] = x;
                 dsp[j * W + k] = slope;
-                dtu[k] = x * u[row + k * sd];
+                dtu[k] = x * xu[row + k];
             }
             for (int64_t n = 0; n < N; ++n) {
                 const float bn = bt[n];
@@ -316,7 +421,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
         /* the adjoint recurrence, from the chunk's last step back to its first */
         for (int64_t j = T - 1; j >= 0; --j) {
             const int64_t t = t0 + j;
-            const int64_t row = b * L * dim + t * st + d0 * sd;
+            const int64_t row = j * rs;
             const float *bt = Bm + ((b * L + t) * GB + gb) * N;
             const float *ct = Cm + ((b * L + t) * GC + gc) * N;
             const float *hj = hs + j * N * W, *aj = as + j * N * W;
@@ -325,18 +430,18 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 dt[k] = dts[j * W + k];
-                uk[k] = u[row + k * sd];
+                uk[k] = xu[row + k];
                 dtu[k] = dt[k] * uk[k];
-                dy[k] = dout[row + k * sd];
+                dy[k] = xdout[row + k];
                 ddtu[k] = 0.0f;
                 ddt[k] = 0.0f;
             }
             if (z) { /* out = y silu(z), y as the forward kept it */
 #pragma omp simd
                 for (int k = 0; k < W; ++k) {
-                    const float zk = z[row + k * sd];
+                    const float zk = xz[row + k];
                     const float s = sigmoid_f(zk);
-                    dz[row + k * sd] = dy[k] * y_pre[row + k * sd] * s * (1.0f + zk * (1.0f - s));
+                    xdz[row + k] = dy[k] * xyp[row + k] * s * (1.0f + zk * (1.0f - s));
                     dy[k] *= zk * s;
                 }
             }
@@ -358,11 +463,16 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 const float d = (ddt[k] * LN2 + ddtu[k] * uk[k]) * dsp[j * W + k];
-                du[row + k * sd] = ddtu[k] * dt[k] + dy[k] * D_k[k];
+                xdu[row + k] = ddtu[k] * dt[k] + dy[k] * D_k[k];
                 dD_acc[k] += dy[k] * uk[k];
-                ddelta[row + k * sd] = d;
+                xddelta[row + k] = d;
                 dbias_acc[k] += d;
             }
+        }
+        if (tiles) {
+            tile_out(xdu, T, du + at, sd);
+            tile_out(xddelta, T, ddelta + at, sd);
+            if (z) tile_out(xdz, T, dz + at, sd);
         }
     }
     free(scratch);
