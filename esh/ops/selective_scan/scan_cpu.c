@@ -144,9 +144,51 @@ static inline void tile_out(const float *buf, int64_t T, float *x, int64_t sd) {
         for (int k = 0; k < W; ++k) x[k * sd + j] = buf[j * W + k];
 }
 
-static inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(fminf(x, 20.0f))); }
+/* e^x for the softplus and the gate, inlined like esh_exp2f (so the loops around it vectorise
+ * without a library call): e^x = 2^r e^f with r = round(x / ln 2) and f = x - r ln 2 taken in
+ * two parts (Cody and Waite: the high part of ln 2 has few enough bits that r times it is exact),
+ * so that the error does not grow with |x|; e^f by the Taylor series of esh_exp2f. x is clamped
+ * to [-87, 88], where e^x is a normal float. */
+static inline float exp_f(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    const float r = floorf(x * 1.4426950408889634f + 0.5f);
+    const float f = fmaf(-r, 1.428606765330187e-06f, fmaf(-r, 0.693145751953125f, x));
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } scale;
+    scale.i = ((int32_t)r + 127) << 23;
+    return p * scale.f;
+}
 
-static inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* log(1 + y) for 0 <= y <= 1: 2 atanh(s) with s = y / (2 + y) <= 1/3, by its series to s^17
+ * (truncation below 2e-10 relative). */
+static inline float log1p_unit(float y) {
+    const float s = y / (2.0f + y), s2 = s * s;
+    float p = 1.0f / 17.0f;
+    p = p * s2 + 1.0f / 15.0f;
+    p = p * s2 + 1.0f / 13.0f;
+    p = p * s2 + 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+
+/* softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), and its slope sigmoid(x). */
+static inline float softplus_f(float x) { return fmaxf(x, 0.0f) + log1p_unit(exp_f(-fabsf(x))); }
+
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 
 #define ESH_ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -398,10 +440,10 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             for (int k = 0; k < W; ++k) {
                 float x = xdelta[row + k] + bias_k[k];
                 float slope = 1.0f;
-                if (softplus) { /* softplus(x) = log1p(e^x), its slope e^x / (1 + e^x) */
-                    const float e = expf(fminf(x, 20.0f));
-                    slope = x > 20.0f ? 1.0f : e / (1.0f + e);
-                    x = x > 20.0f ? x : log1pf(e);
+                if (softplus) { /* softplus and its slope e^x / (1 + e^x), from one e^-|x| */
+                    const float e = exp_f(-fabsf(x));
+                    slope = x > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+                    x = fmaxf(x, 0.0f) + log1p_unit(e);
                 }
                 dt[k] = x;
                 dts[j * W + k] = x;
