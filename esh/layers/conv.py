@@ -84,19 +84,13 @@ class _DepthwiseConv(torch.autograd.Function):
 
 
 def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None):
-    """The C library when it can run these tensors, else None. Never while torch.compile, FX or
-    the JIT trace the model (exports included): they need the convolution as tensor operations,
-    not as a call they cannot see into."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        return None
-    tensors = [t for t in (x, weight, bias, out) if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
+    """The C library when it can run these tensors (float32 on the CPU, channels contiguous, no
+    tracing: ``cpu_kernel.library_for``), else None."""
     if x.dim() != 3 or x.stride(-1) != 1 or (out is not None and out.stride(-1) != 1):
         return None
     from esh.ops.selective_scan import cpu_kernel
 
-    return cpu_kernel.library()
+    return cpu_kernel.library_for(x, weight, bias, out)
 
 
 def _c_forward(lib, x: Tensor, w: Tensor, bias: Tensor | None, left: int, silu: bool, out: Tensor | None) -> Tensor:

@@ -23,6 +23,7 @@ from esh.errors import InputError
 from esh.ops import selective_scan, selective_state_update
 
 from .mamba import copy_unless_loaded, mask_padding
+from .norm import RMSNorm
 
 __all__ = ["Mamba2"]
 
@@ -61,7 +62,7 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as mamba_ssm: trainers skip them
-        self.norm = nn.RMSNorm(d_inner, eps=norm_eps)
+        self.norm = RMSNorm(d_inner, eps=norm_eps)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.reset_ssm_parameters()
 

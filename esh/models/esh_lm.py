@@ -49,6 +49,7 @@ from esh._compat import import_timm
 from esh.errors import InputError, is_whole
 from esh.info import esh_lm_param_formula, lm_num_parameters, lm_parameters_by_component, print_lm_size
 from esh.layers import GatedAttention, Mamba, MoEAux, SwitchMoE
+from esh.layers.norm import RMSNorm
 from esh.layers.router import TokenRouter
 from esh.models import _lm_checkpoint
 from esh.models.lm_common import CausalLMMixin, ESHOutput, next_token_loss, run_ssm, sample_next_token
@@ -306,17 +307,17 @@ class ESHBlock(nn.Module):
         super().__init__()
         d, eps = config.d_model, config.norm_eps
         self.layer_idx = layer_idx
-        self.norm1 = nn.RMSNorm(d, eps=eps)
+        self.norm1 = RMSNorm(d, eps=eps)
         self.router = TokenRouter(d, bias=config.alpha_init_bias)
         self.attn = GatedAttention(
             d, config.n_heads, rope_theta=config.rope_theta, attn_drop=config.dropout, use_flash=config.use_flash
         )
         self.ssm = _build_ssm(config)
-        self.attn_norm = nn.RMSNorm(d, eps=eps) if config.branch_norm else nn.Identity()
-        self.ssm_norm = nn.RMSNorm(d, eps=eps) if config.branch_norm else nn.Identity()
+        self.attn_norm = RMSNorm(d, eps=eps) if config.branch_norm else nn.Identity()
+        self.ssm_norm = RMSNorm(d, eps=eps) if config.branch_norm else nn.Identity()
         ls = config.layer_scale_init
         self.ls1 = LayerScale(d, init_values=ls) if ls is not None else nn.Identity()
-        self.norm2 = nn.RMSNorm(d, eps=eps)
+        self.norm2 = RMSNorm(d, eps=eps)
         self.moe = SwitchMoE(
             d,
             config.expert_hidden,
@@ -425,7 +426,7 @@ class ESHModel(CausalLMMixin, nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(ESHBlock(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

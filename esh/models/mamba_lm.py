@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from esh.errors import InputError
 from esh.layers import Mamba
+from esh.layers.norm import RMSNorm
 from esh.models.esh_lm import ESHCache
 from esh.models.lm_common import CausalLMMixin, ESHOutput, run_ssm
 
@@ -29,7 +30,7 @@ class MambaLMBlock(nn.Module):
     def __init__(self, d_model: int, layer_idx: int = 0, norm_eps: float = 1e-5, **mamba_kwargs: Any):
         super().__init__()
         self.layer_idx = layer_idx
-        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.norm = RMSNorm(d_model, eps=norm_eps)
         self.mixer = Mamba(d_model, **mamba_kwargs)
 
     def forward(self, x: Tensor, cache: Any | None = None, token_mask: Tensor | None = None) -> Tensor:
@@ -55,7 +56,7 @@ class MambaLM(CausalLMMixin, nn.Module):
         self.layers = nn.ModuleList(
             MambaLMBlock(d_model, i, d_state=d_state, d_conv=d_conv, expand=expand) for i in range(n_layers)
         )
-        self.norm = nn.RMSNorm(d_model)
+        self.norm = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.embed_tokens.weight
         nn.init.normal_(self.embed_tokens.weight, std=0.02)

@@ -49,7 +49,7 @@ ENV_VAR = "ESH_CPU_KERNEL"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 16  # channels per block of the C loop (W in scan_cpu.c)
 MAX_STATES = 64  # ESH_MAX_N in scan_cpu.c
-_SOURCES = (Path(__file__).with_name("scan_cpu.c"), Path(__file__).with_name("conv_cpu.c"))
+_SOURCES = tuple(Path(__file__).with_name(f"{name}_cpu.c") for name in ("scan", "conv", "norm"))
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     ["-O3", "-march=native", "-ffast-math"],  # compilers without OpenMP (Apple clang): one thread
@@ -131,6 +131,14 @@ def _load() -> ctypes.CDLL | None:
             # x, x strides, w, bias, g, gpre, dx, dw_part, db_part, batch, L, dim, K, left, silu, threads
             lib.esh_dwconv_bwd_f32.restype = None
             lib.esh_dwconv_bwd_f32.argtypes = [ptr, i64, i64] + [ptr] * 7 + [i64] * 5 + [cint] * 2
+            # norm_cpu.c: fwd (x, w, y, rstd, rows, dim, eps, threads), items (rows),
+            # bwd (x, w, rstd, g, dx, dw_part, rows, dim, threads)
+            lib.esh_rmsnorm_fwd_f32.restype = None
+            lib.esh_rmsnorm_fwd_f32.argtypes = [ptr] * 4 + [i64] * 2 + [ctypes.c_float, cint]
+            lib.esh_rmsnorm_items.restype = i64
+            lib.esh_rmsnorm_items.argtypes = [i64]
+            lib.esh_rmsnorm_bwd_f32.restype = None
+            lib.esh_rmsnorm_bwd_f32.argtypes = [ptr] * 6 + [i64] * 2 + [cint]
             _lib = lib
             return lib
         _build_error = "; ".join(errors)
@@ -150,8 +158,20 @@ def enabled() -> bool:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library (built on first use), or None where it is disabled
     (``ESH_CPU_KERNEL=0``) or does not build. Besides the scan it holds the depthwise
-    convolution of ``esh.layers.conv`` (``conv_cpu.c``)."""
+    convolution of ``esh.layers.conv`` (``conv_cpu.c``) and the RMSNorm of ``esh.layers.norm``
+    (``norm_cpu.c``)."""
     return _load() if enabled() else None
+
+
+def library_for(*tensors: Tensor | None) -> ctypes.CDLL | None:
+    """``library()`` when the given tensors (None skipped) are all float32 CPU tensors, and
+    neither torch.compile, FX nor the JIT is tracing (they need tensor operations, not a call
+    they cannot see into; exports included); else None."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return None
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
+        return None
+    return library()
 
 
 def available() -> bool:
