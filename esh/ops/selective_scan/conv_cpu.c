@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "esh_math.h"
+
 #define ESH_CONV_CHANNELS 64 /* channels per inner loop: the accumulators stay in registers */
 #define ESH_CONV_STEPS 64    /* steps per item of the backward's partial sums */
 
@@ -35,7 +37,7 @@ static inline void conv_row(const float *xb, int64_t xst, const float *w, const 
         }
         if (silu) {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i] / (1.0f + expf(-acc[i]));
+            for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i] / (1.0f + esh_expf(-acc[i]));
         } else {
             for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i];
         }
@@ -71,7 +73,7 @@ void esh_dwconv_bwd_f32(const float *x, int64_t xsb, int64_t xst, const float *w
             const float *gr = g + row * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) {
-                const float p = gp[d], s = 1.0f / (1.0f + expf(-p));
+                const float p = gp[d], s = 1.0f / (1.0f + esh_expf(-p));
                 gp[d] = gr[d] * s * (1.0f + p * (1.0f - s));
             }
         }

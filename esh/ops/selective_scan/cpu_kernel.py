@@ -50,6 +50,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 16  # channels per block of the C loop (W in scan_cpu.c)
 MAX_STATES = 64  # ESH_MAX_N in scan_cpu.c
 _SOURCES = tuple(Path(__file__).with_name(f"{name}_cpu.c") for name in ("scan", "conv", "norm"))
+_HEADERS = (Path(__file__).with_name("esh_math.h"),)  # included by the sources: part of the cache key
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     ["-O3", "-march=native", "-ffast-math"],  # compilers without OpenMP (Apple clang): one thread
@@ -82,7 +83,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, flags: list[str]) -> Path:
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
     key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:20]
     target = cache_dir() / f"scan_cpu-{key}.so"
     if target.exists():

@@ -42,32 +42,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "esh_math.h"
+
 #define W 16
 #define ESH_MAX_N 64
-
-/* 2^x for the decays, inlined so that the state loop vectorises without a library call:
- * 2^x = 2^i * 2^f with i = round(x), |f| <= 1/2, and 2^f = e^(f ln 2) by its Taylor series to
- * degree 7 (truncation error below 6e-9 relative, under float32's rounding). x is clamped to
- * [-126, 126]: decays below 2^-126 come out as 2^-126, which no float32 sum can tell from 0. */
-static inline float esh_exp2f(float x) {
-    x = fminf(fmaxf(x, -126.0f), 126.0f);
-    const float r = floorf(x + 0.5f);
-    const float f = (x - r) * 0.6931471805599453f;
-    float p = 1.0f / 5040.0f;
-    p = p * f + 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    union {
-        int32_t i;
-        float f;
-    } scale;
-    scale.i = ((int32_t)r + 127) << 23;
-    return p * scale.f;
-}
 
 /* W floats as one vector (GCC/Clang vector extensions): the backward's sums over the states
  * stay in registers instead of going through memory from one state to the next. */
@@ -144,31 +122,6 @@ static inline void tile_out(const float *buf, int64_t T, float *x, int64_t sd) {
         for (int k = 0; k < W; ++k) x[k * sd + j] = buf[j * W + k];
 }
 
-/* e^x for the softplus and the gate, inlined like esh_exp2f (so the loops around it vectorise
- * without a library call): e^x = 2^r e^f with r = round(x / ln 2) and f = x - r ln 2 taken in
- * two parts (Cody and Waite: the high part of ln 2 has few enough bits that r times it is exact),
- * so that the error does not grow with |x|; e^f by the Taylor series of esh_exp2f. x is clamped
- * to [-87, 88], where e^x is a normal float. */
-static inline float exp_f(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    const float r = floorf(x * 1.4426950408889634f + 0.5f);
-    const float f = fmaf(-r, 1.428606765330187e-06f, fmaf(-r, 0.693145751953125f, x));
-    float p = 1.0f / 5040.0f;
-    p = p * f + 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    union {
-        int32_t i;
-        float f;
-    } scale;
-    scale.i = ((int32_t)r + 127) << 23;
-    return p * scale.f;
-}
-
 /* log(1 + y) for 0 <= y <= 1: 2 atanh(s) with s = y / (2 + y) <= 1/3, by its series to s^17
  * (truncation below 2e-10 relative). */
 static inline float log1p_unit(float y) {
@@ -186,9 +139,9 @@ static inline float log1p_unit(float y) {
 }
 
 /* softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), and its slope sigmoid(x). */
-static inline float softplus_f(float x) { return fmaxf(x, 0.0f) + log1p_unit(exp_f(-fabsf(x))); }
+static inline float softplus_f(float x) { return fmaxf(x, 0.0f) + log1p_unit(esh_expf(-fabsf(x))); }
 
-static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + esh_expf(-x)); }
 
 #define ESH_ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -441,7 +394,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 float x = xdelta[row + k] + bias_k[k];
                 float slope = 1.0f;
                 if (softplus) { /* softplus and its slope e^x / (1 + e^x), from one e^-|x| */
-                    const float e = exp_f(-fabsf(x));
+                    const float e = esh_expf(-fabsf(x));
                     slope = x > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
                     x = fmaxf(x, 0.0f) + log1p_unit(e);
                 }
