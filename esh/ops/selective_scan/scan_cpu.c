@@ -150,15 +150,23 @@ static inline float sigmoid_f(float x) { return 1.0f / (1.0f + esh_expf(-x)); }
  * or more apart, which the hardware prefetchers do not follow. Sequence-major (sd == 1) a row
  * is one line. Channel-major a line holds 16 steps of one channel, so the call fetches channel
  * k's lines for steps tp .. tp + 15: W calls with k = 0 .. W - 1 cover the block. */
+#define ESH_PREFETCH(p, rw)                   \
+    do {                                      \
+        if (rw)                               \
+            __builtin_prefetch((p), 1, 3);    \
+        else                                  \
+            __builtin_prefetch((p), 0, 3);    \
+    } while (0) /* the builtin's arguments must be constants where it is compiled (clang) */
+
 ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, int64_t L, const int64_t st,
                                      const int64_t sd, int k, const int rw) {
     if (!x) return;
     if (sd == 1) {
-        __builtin_prefetch(x + base + tp * st, rw, 3);
+        ESH_PREFETCH(x + base + tp * st, rw);
     } else {
         const float *p = x + base + k * sd + tp;
-        __builtin_prefetch(p, rw, 3);
-        __builtin_prefetch(p + (tp + W - 1 < L ? W - 1 : L - 1 - tp), rw, 3);
+        ESH_PREFETCH(p, rw);
+        ESH_PREFETCH(p + (tp + W - 1 < L ? W - 1 : L - 1 - tp), rw);
     }
 }
 
