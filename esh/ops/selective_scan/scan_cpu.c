@@ -76,33 +76,29 @@ typedef int32_t vi16 __attribute__((vector_size(W * sizeof(int32_t))));
 #define ESH_SHUF(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
 #endif
 
+/* Stage b of the transpose: rows i and i + b (bit b of i clear) trade the elements whose column
+ * has bit b set in row i for those whose column has it clear in row i + b. */
+#define ESH_LO(b, p) (((p) & (b)) ? 16 + (p) - (b) : (p))
+#define ESH_HI(b, p) (((p) & (b)) ? 16 + (p) : (p) + (b))
+#define ESH_TRANSPOSE_STAGE(r, b)                                                                                             \
+    for (int i = 0; i < W; ++i)                                                                                               \
+        if (!(i & (b))) {                                                                                                     \
+            const v16 lo = r[i], hi = r[i + (b)];                                                                             \
+            r[i] = ESH_SHUF(lo, hi, ESH_LO(b, 0), ESH_LO(b, 1), ESH_LO(b, 2), ESH_LO(b, 3), ESH_LO(b, 4), ESH_LO(b, 5),       \
+                            ESH_LO(b, 6), ESH_LO(b, 7), ESH_LO(b, 8), ESH_LO(b, 9), ESH_LO(b, 10), ESH_LO(b, 11),             \
+                            ESH_LO(b, 12), ESH_LO(b, 13), ESH_LO(b, 14), ESH_LO(b, 15));                                      \
+            r[i + (b)] = ESH_SHUF(lo, hi, ESH_HI(b, 0), ESH_HI(b, 1), ESH_HI(b, 2), ESH_HI(b, 3), ESH_HI(b, 4), ESH_HI(b, 5), \
+                                  ESH_HI(b, 6), ESH_HI(b, 7), ESH_HI(b, 8), ESH_HI(b, 9), ESH_HI(b, 10), ESH_HI(b, 11),       \
+                                  ESH_HI(b, 12), ESH_HI(b, 13), ESH_HI(b, 14), ESH_HI(b, 15));                                \
+        }
+
 static inline void transpose16(const float *src, int64_t ss, float *dst, int64_t ds) {
     v16 r[W];
     for (int i = 0; i < W; ++i) r[i] = load16(src + i * ss);
-    for (int i = 0; i < W; ++i)
-        if (!(i & 1)) {
-            const v16 a = r[i], c = r[i + 1];
-            r[i] = ESH_SHUF(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-            r[i + 1] = ESH_SHUF(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-        }
-    for (int i = 0; i < W; ++i)
-        if (!(i & 2)) {
-            const v16 a = r[i], c = r[i + 2];
-            r[i] = ESH_SHUF(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-            r[i + 2] = ESH_SHUF(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-        }
-    for (int i = 0; i < W; ++i)
-        if (!(i & 4)) {
-            const v16 a = r[i], c = r[i + 4];
-            r[i] = ESH_SHUF(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-            r[i + 4] = ESH_SHUF(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-        }
-    for (int i = 0; i < W; ++i)
-        if (!(i & 8)) {
-            const v16 a = r[i], c = r[i + 8];
-            r[i] = ESH_SHUF(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-            r[i + 8] = ESH_SHUF(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-        }
+    ESH_TRANSPOSE_STAGE(r, 1)
+    ESH_TRANSPOSE_STAGE(r, 2)
+    ESH_TRANSPOSE_STAGE(r, 4)
+    ESH_TRANSPOSE_STAGE(r, 8)
     for (int i = 0; i < W; ++i) store16(dst + i * ds, r[i]);
 }
 
