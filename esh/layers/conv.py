@@ -167,6 +167,8 @@ def depthwise_conv(
         raise InputError(f"depthwise_conv: activation must be one of {ACTIVATIONS}; got {activation!r}")
     k = weight.shape[1]
     left = k - 1 if left is None else left
+    if not 0 <= left < k:
+        raise InputError(f"depthwise_conv: left (zeros before the sequence) must be in [0, {k - 1}]; got {left}")
     silu = activation == "silu"
     recording = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

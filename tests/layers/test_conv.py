@@ -160,8 +160,11 @@ def test_kernel_off_uses_the_pytorch_form_with_its_silu(monkeypatch):
     assert got.grad_fn is not None
 
 
-def test_unknown_activation_is_an_input_error():
+def test_unknown_activation_and_padding_out_of_range_are_input_errors():
     from esh.errors import InputError
 
     with pytest.raises(InputError, match="activation must be one of"):
         depthwise_conv(torch.randn(1, 3, 4), torch.randn(4, 2), activation="gelu")
+    for left in (-1, 2):
+        with pytest.raises(InputError, match=r"must be in \[0, 1\]"):
+            depthwise_conv(torch.randn(1, 3, 4), torch.randn(4, 2), left=left)
