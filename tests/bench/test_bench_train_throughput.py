@@ -46,3 +46,27 @@ def test_float32_only_and_pair_selection(monkeypatch):
     assert ("esh_vision_tiny", "deit_small_patch16_224") in tt.PAIRS
     with pytest.raises(InputError, match="unknown pair 'resnet'"):
         tt.select_pairs(["resnet"])
+
+
+def test_lm_table_times_each_models_own_trainer_and_compares_to_the_gpt():
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=24), train=torch.randint(0, 24, (4000,)))
+    lines = []
+    rows = tt.run_lm(("esh", "gpt", "mamba"), steps=1, threads=None, repeats=2, data=data, print_fn=lines.append)
+    assert [r[0] for r in rows] == ["esh", "gpt", "mamba"]
+    assert all(r[1] > 0 and r[2] > 0 for r in rows)
+    assert rows[1][3] == 1.0 and rows[0][3] > 0 and rows[2][3] > 0
+    text = lines[0]
+    assert "median of 2 interleaved rounds of 1 steps" in text and "| gpt |" in text and "1.00x" in text
+    no_gpt = tt.run_lm(("mamba",), steps=1, threads=None, repeats=1, data=data, print_fn=str)
+    assert no_gpt[0][3] is None
+
+
+def test_lm_steps_must_be_positive():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tt.add_arguments(parser)
+    with pytest.raises(InputError, match="--lm-steps must be a positive"):
+        tt.main_from_args(parser.parse_args(["--lm", "--lm-steps", "0"]))
