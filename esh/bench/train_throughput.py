@@ -129,6 +129,7 @@ def run_lm(
     if threads:
         torch.set_num_threads(threads)
     data = data if data is not None else prepare_lm_data("shakespeare", tokenizer="char")
+    repeats = max(1, repeats)
     trainers = {name: lm_trainer(name, data, steps=steps * (repeats + 1)) for name in models}
 
     def advance(trainer):
@@ -196,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> list[tuple]:
+    if args.repeats < 1:
+        raise InputError(f"--repeats must be a positive number of rounds; got {args.repeats}")
     if args.lm is not None:
         if args.lm_steps < 1:
             raise InputError(f"--lm-steps must be a positive number of steps; got {args.lm_steps}")

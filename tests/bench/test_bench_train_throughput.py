@@ -63,10 +63,13 @@ def test_lm_table_times_each_models_own_trainer_and_compares_to_the_gpt():
     assert no_gpt[0][3] is None
 
 
-def test_lm_steps_must_be_positive():
+def test_lm_steps_and_rounds_must_be_positive():
     import argparse
 
     parser = argparse.ArgumentParser()
     tt.add_arguments(parser)
     with pytest.raises(InputError, match="--lm-steps must be a positive"):
         tt.main_from_args(parser.parse_args(["--lm", "--lm-steps", "0"]))
+    for argv in (["--lm", "--repeats", "0"], ["--repeats", "-1"]):
+        with pytest.raises(InputError, match="--repeats must be a positive"):
+            tt.main_from_args(parser.parse_args(argv))
