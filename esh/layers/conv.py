@@ -94,13 +94,15 @@ def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None):
 
 
 def _c_forward(lib, x: Tensor, w: Tensor, bias: Tensor | None, left: int, silu: bool, out: Tensor | None) -> Tensor:
+    from esh.ops.selective_scan import cpu_kernel
+
     batch, seqlen, dim = x.shape
     wt = w.t().contiguous()  # (K, channels)
     bias = None if bias is None else bias.contiguous()
     if out is None:
         out = x.new_empty(batch, seqlen, dim)
     lib.esh_dwconv_fwd_f32(
-        x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), None if bias is None else bias.data_ptr(),
+        x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), cpu_kernel.ptr(bias),
         out.data_ptr(), out.stride(0), out.stride(1), batch, seqlen, dim, w.shape[1], left, int(silu),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -136,16 +138,16 @@ class _DepthwiseConvCpu(torch.autograd.Function):
         gpre = torch.empty_like(grad) if ctx.silu else None
         bias = None if bias is None else bias.contiguous()
         lib.esh_dwconv_bwd_f32(
-            x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), None if bias is None else bias.data_ptr(),
-            grad.data_ptr(), None if gpre is None else gpre.data_ptr(), None if dx is None else dx.data_ptr(),
-            dw_part.data_ptr(), None if db_part is None else db_part.data_ptr(), batch, seqlen, dim, k, ctx.left,
+            x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), cpu_kernel.ptr(bias),
+            grad.data_ptr(), cpu_kernel.ptr(gpre), cpu_kernel.ptr(dx),
+            dw_part.data_ptr(), cpu_kernel.ptr(db_part), batch, seqlen, dim, k, ctx.left,
             int(ctx.silu), torch.get_num_threads(),
         )  # fmt: skip
         dw = db = None
         if need_w:
-            dw = cpu_kernel._reduce(lib, dw_part, 1, items).view(k, dim).t()
+            dw = cpu_kernel.reduce_partials(lib, dw_part, 1, items).view(k, dim).t()
         if need_b and db_part is not None:
-            db = cpu_kernel._reduce(lib, db_part, 1, items).view(dim)
+            db = cpu_kernel.reduce_partials(lib, db_part, 1, items).view(dim)
         return dx, dw, db, None, None
 
 

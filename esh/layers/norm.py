@@ -45,7 +45,7 @@ class _RMSNormCpu(torch.autograd.Function):
         y = torch.empty_like(x)
         rstd = x.new_empty(rows)
         lib.esh_rmsnorm_fwd_f32(
-            x.data_ptr(), None if weight is None else weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, dim,
+            x.data_ptr(), cpu_kernel.ptr(weight), y.data_ptr(), rstd.data_ptr(), rows, dim,
             eps, torch.get_num_threads(),
         )  # fmt: skip
         ctx.save_for_backward(x, weight, rstd)
@@ -64,12 +64,12 @@ class _RMSNormCpu(torch.autograd.Function):
         items = lib.esh_rmsnorm_items(rows)
         dw_part = x.new_empty(items, dim) if weight is not None else None
         lib.esh_rmsnorm_bwd_f32(
-            x.data_ptr(), None if weight is None else weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(),
-            dx.data_ptr(), None if dw_part is None else dw_part.data_ptr(), rows, dim, torch.get_num_threads(),
+            x.data_ptr(), cpu_kernel.ptr(weight), rstd.data_ptr(), grad.data_ptr(),
+            dx.data_ptr(), cpu_kernel.ptr(dw_part), rows, dim, torch.get_num_threads(),
         )  # fmt: skip
         dw = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dw = cpu_kernel._reduce(lib, dw_part, 1, items).view(dim)
+            dw = cpu_kernel.reduce_partials(lib, dw_part, 1, items).view(dim)
         return dx if ctx.needs_input_grad[0] else None, dw, None
 
 

@@ -177,7 +177,7 @@ def library_for(*tensors: Tensor | None) -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether the kernel is enabled and builds (building it on the first call)."""
-    return enabled() and _load() is not None
+    return library() is not None
 
 
 def build_error() -> str | None:
@@ -245,11 +245,12 @@ def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float().contiguous()
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def ptr(t: Tensor | None) -> int | None:
+    """A tensor's data address for the C functions (NULL for None)."""
     return None if t is None else t.data_ptr()
 
 
-def _reduce(lib: ctypes.CDLL, part: Tensor, outer: int, count: int) -> Tensor:
+def reduce_partials(lib: ctypes.CDLL, part: Tensor, outer: int, count: int) -> Tensor:
     """part viewed as (outer, count, rest) summed over count in order (a view when count is 1)."""
     if count == 1:
         return part
@@ -292,8 +293,8 @@ class _Inputs:
             if self.z is not None:
                 y_pre = _new(batch, dim, self.seqlen, self.seq_major)
         lib.esh_scan_fwd_f32(
-            *(_ptr(t) for t in self.tensors()[:8]), int(softplus), _ptr(y), _ptr(y_pre), _ptr(last),
-            _ptr(self.h0), _ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc,
+            *(ptr(t) for t in self.tensors()[:8]), int(softplus), ptr(y), ptr(y_pre), ptr(last),
+            ptr(self.h0), ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc,
             int(self.seq_major), torch.get_num_threads(),
         )  # fmt: skip
         return y, last, ckpt, y_pre
@@ -333,9 +334,9 @@ class SelectiveScanCpu(torch.autograd.Function):
         dC_part = u.new_empty(batch, blocks, seqlen, n)
         dh0 = u.new_empty(batch, dim, n) if need[8] else None
         failed = lib.esh_scan_bwd_f32(
-            *(_ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z, y_pre)), int(softplus), _ptr(dout), _ptr(dlast),
-            _ptr(ckpt), K, _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part), _ptr(dD_part), _ptr(dbias_part),
-            _ptr(dB_part), _ptr(dC_part), _ptr(dh0), batch, seqlen, dim, n, gb, gc, int(seq_major),
+            *(ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z, y_pre)), int(softplus), ptr(dout), ptr(dlast),
+            ptr(ckpt), K, ptr(du), ptr(ddelta), ptr(dz), ptr(dA_part), ptr(dD_part), ptr(dbias_part),
+            ptr(dB_part), ptr(dC_part), ptr(dh0), batch, seqlen, dim, n, gb, gc, int(seq_major),
             torch.get_num_threads(),
         )  # fmt: skip
         if failed:
@@ -344,18 +345,22 @@ class SelectiveScanCpu(torch.autograd.Function):
 
         def bc(part, groups, like):
             # (batch, blocks, L, N) -> (batch, G, L, N) -> (batch, G, N, L), or (batch, N, L)
-            g = _reduce(lib, part, batch * groups, blocks // groups).view(batch, groups, seqlen, n).transpose(2, 3)
+            g = (
+                reduce_partials(lib, part, batch * groups, blocks // groups)
+                .view(batch, groups, seqlen, n)
+                .transpose(2, 3)
+            )
             return (g.squeeze(1) if like[1] == 3 else g).to(like[0])
 
         grads = [
             du.to(dt_u) if need[0] else None,
             ddelta.to(dt_delta) if need[1] else None,
-            _reduce(lib, dA_part, 1, batch).view(n, dim).t().to(dt_A) if need[2] else None,
+            reduce_partials(lib, dA_part, 1, batch).view(n, dim).t().to(dt_A) if need[2] else None,
             bc(dB_part, gb, ctx.like[1]) if need[3] else None,
             bc(dC_part, gc, ctx.like[2]) if need[4] else None,
-            _reduce(lib, dD_part, 1, batch).view(dim).to(dt_D) if D is not None and need[5] else None,
+            reduce_partials(lib, dD_part, 1, batch).view(dim).to(dt_D) if D is not None and need[5] else None,
             dz.to(dt_z) if z is not None and need[6] else None,
-            _reduce(lib, dbias_part, 1, batch).view(dim).to(dt_bias) if bias is not None and need[7] else None,
+            reduce_partials(lib, dbias_part, 1, batch).view(dim).to(dt_bias) if bias is not None and need[7] else None,
             dh0.to(dt_h0) if dh0 is not None else None,
         ]
         return (*grads, None, None)
