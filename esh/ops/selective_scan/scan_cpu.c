@@ -134,8 +134,11 @@ static inline float log1p_unit(float y) {
     return 2.0f * s * p;
 }
 
-/* softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), and its slope sigmoid(x). */
-static inline float softplus_f(float x) { return fmaxf(x, 0.0f) + log1p_unit(esh_expf(-fabsf(x))); }
+/* softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), given e = e^-|x| (which the
+ * backward also needs for the slope). */
+static inline float softplus_e(float x, float e) { return fmaxf(x, 0.0f) + log1p_unit(e); }
+
+static inline float softplus_f(float x) { return softplus_e(x, esh_expf(-fabsf(x))); }
 
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + esh_expf(-x)); }
 
@@ -168,18 +171,18 @@ ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, i
 
 #define ESH_PREFETCH_STEPS 16 /* how far ahead the forward prefetches */
 
-/* One step of the forward for one block: the inputs' and outputs' W values at p + k * ps. */
+/* One step of the forward for one block: the inputs' and outputs' W values at p[0 .. W - 1]. */
 ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, float *pyp,
-                                const int64_t ps, const float *bt, const float *ct, float (*h)[W], float (*a2)[W],
-                                const float *bias_k, const float *D_k, int64_t N, int softplus) {
+                                const float *bt, const float *ct, float (*h)[W], float (*a2)[W], const float *bias_k,
+                                const float *D_k, int64_t N, int softplus) {
     float dt[W], dtu[W], acc[W];
 #pragma omp simd
     for (int k = 0; k < W; ++k) {
-        float x = pd[k * ps] + bias_k[k];
+        float x = pd[k] + bias_k[k];
         if (softplus) x = softplus_f(x);
         dt[k] = x;
-        dtu[k] = x * pu[k * ps];
-        acc[k] = D_k[k] * pu[k * ps];
+        dtu[k] = x * pu[k];
+        acc[k] = D_k[k] * pu[k];
     }
     for (int64_t n = 0; n < N; ++n) {
         const float bn = bt[n], cn = ct[n];
@@ -193,12 +196,12 @@ ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *p
     if (pz) {
 #pragma omp simd
         for (int k = 0; k < W; ++k) {
-            const float zk = pz[k * ps];
-            py[k * ps] = acc[k] * zk * sigmoid_f(zk);
-            if (pyp) pyp[k * ps] = acc[k];
+            const float zk = pz[k];
+            py[k] = acc[k] * zk * sigmoid_f(zk);
+            if (pyp) pyp[k] = acc[k];
         }
     } else {
-        for (int k = 0; k < W; ++k) py[k * ps] = acc[k];
+        for (int k = 0; k < W; ++k) py[k] = acc[k];
     }
 }
 
@@ -236,7 +239,6 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
             for (int64_t n = 0; n < N; ++n)
                 for (int k = 0; k < W; ++k) dst[n * W + k] = h[n][k];
         }
-        const int64_t row = b * L * dim + t * st + d0 * sd;
         const float *bt = Bm + ((b * L + t) * GB + gb) * N;
         const float *ct = Cm + ((b * L + t) * GC + gc) * N;
         const int64_t tp = t + ESH_PREFETCH_STEPS;
@@ -251,23 +253,25 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
             __builtin_prefetch(bt + ESH_PREFETCH_STEPS * GB * N, 0, 3);
             __builtin_prefetch(ct + ESH_PREFETCH_STEPS * GC * N, 0, 3);
         }
-        const int64_t jt = t % W;
-        if (tiles && t - jt + W <= L) { /* channel-major: this step's row of a transposed tile */
-            const int64_t at = b * L * dim + d0 * sd + t - jt; /* channel 0, the tile's first step */
+        if (tiles) { /* channel-major: this step's row of a transposed tile of up to W steps */
+            const int64_t jt = t % W, t1 = t - jt;
+            const int64_t at = b * L * dim + d0 * sd + t1; /* channel 0, the tile's first step */
+            const int64_t T = L - t1 < W ? L - t1 : W;
             if (jt == 0) {
-                transpose16(delta + at, sd, tdelta, W);
-                transpose16(u + at, sd, tu, W);
-                if (z) transpose16(z + at, sd, tz, W);
+                tile_in(delta + at, sd, T, tdelta);
+                tile_in(u + at, sd, T, tu);
+                if (z) tile_in(z + at, sd, T, tz);
             }
-            fwd_step(tdelta + jt * W, tu + jt * W, z ? tz + jt * W : 0, ty + jt * W, y_pre ? typ + jt * W : 0, 1,
-                     bt, ct, h, a2, bias_k, D_k, N, softplus);
-            if (jt == W - 1) {
-                transpose16(ty, W, y + at, sd);
-                if (y_pre) transpose16(typ, W, y_pre + at, sd);
+            fwd_step(tdelta + jt * W, tu + jt * W, z ? tz + jt * W : 0, ty + jt * W, y_pre ? typ + jt * W : 0, bt, ct,
+                     h, a2, bias_k, D_k, N, softplus);
+            if (jt == T - 1) {
+                tile_out(ty, T, y + at, sd);
+                if (y_pre) tile_out(typ, T, y_pre + at, sd);
             }
         } else {
-            fwd_step(delta + row, u + row, z ? z + row : 0, y + row, y_pre ? y_pre + row : 0, sd, bt, ct, h, a2,
-                     bias_k, D_k, N, softplus);
+            const int64_t row = b * L * dim + t * st + d0 * sd;
+            fwd_step(delta + row, u + row, z ? z + row : 0, y + row, y_pre ? y_pre + row : 0, bt, ct, h, a2, bias_k,
+                     D_k, N, softplus);
         }
     }
     if (h_last)
@@ -400,7 +404,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 if (softplus) { /* softplus and its slope e^x / (1 + e^x), from one e^-|x| */
                     const float e = esh_expf(-fabsf(x));
                     slope = x > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-                    x = fmaxf(x, 0.0f) + log1p_unit(e);
+                    x = softplus_e(x, e);
                 }
                 dt[k] = x;
                 dts[j * W + k] = x;
