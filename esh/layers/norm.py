@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "fused_applies", "rms_norm"]
+__all__ = ["RMSNorm", "fused_applies", "fused_rms_norm", "rms_norm"]
 
 
 def _lib(x: Tensor, weight: Tensor | None, normalized_shape: tuple[int, ...]):
@@ -32,23 +32,29 @@ def fused_applies(x: Tensor, weight: Tensor | None) -> bool:
     return _lib(x, weight, (x.shape[-1],)) is not None
 
 
+def _forward(lib, x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(y, x and weight as the kernel read them, rstd per row)."""
+    from esh.ops.selective_scan import cpu_kernel
+
+    x = x.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    y = torch.empty_like(x)
+    rstd = x.new_empty(rows)
+    lib.esh_rmsnorm_fwd_f32(
+        x.data_ptr(), cpu_kernel.ptr(weight), y.data_ptr(), rstd.data_ptr(), rows, dim, eps, torch.get_num_threads()
+    )
+    return y, x, weight, rstd
+
+
 class _RMSNormCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         from esh.ops.selective_scan import cpu_kernel
 
-        lib = cpu_kernel.library()
-        x = x.contiguous()
-        weight = None if weight is None else weight.contiguous()
-        dim = x.shape[-1]
-        rows = x.numel() // dim
-        y = torch.empty_like(x)
-        rstd = x.new_empty(rows)
-        lib.esh_rmsnorm_fwd_f32(
-            x.data_ptr(), cpu_kernel.ptr(weight), y.data_ptr(), rstd.data_ptr(), rows, dim,
-            eps, torch.get_num_threads(),
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, rstd)
+        y, *saved = _forward(cpu_kernel.library(), x, weight, eps)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
@@ -73,24 +79,25 @@ class _RMSNormCpu(torch.autograd.Function):
         return dx if ctx.needs_input_grad[0] else None, dw, None
 
 
-@torch.fx.wrap  # one node of an FX graph, which then runs what eager runs
-def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None) -> Tensor:
-    """``torch.nn.functional.rms_norm``, with the fused CPU kernel where it applies (see the
-    module docstring); ``eps=None`` is the input dtype's machine epsilon, as in torch."""
+def fused_rms_norm(
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None
+) -> Tensor | None:
+    """The fused CPU kernel's RMSNorm of ``x``, or None where it does not apply (see the module
+    docstring); ``eps=None`` is the input dtype's machine epsilon, as in torch."""
     lib = _lib(x, weight, tuple(normalized_shape))
     if lib is None:
-        return nn.functional.rms_norm(x, normalized_shape, weight, eps)
+        return None
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNormCpu.apply(x, weight, eps)
-    return _RMSNormCpu.forward(_NoCtx(), x, weight, eps)
+    return _forward(lib, x, weight, eps)[0]
 
 
-class _NoCtx:
-    """Stands in for autograd's ctx when the forward runs without recording."""
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
+@torch.fx.wrap  # one node of an FX graph, which then runs what eager runs
+def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None) -> Tensor:
+    """``torch.nn.functional.rms_norm``, with the fused CPU kernel where it applies."""
+    y = fused_rms_norm(x, normalized_shape, weight, eps)
+    return nn.functional.rms_norm(x, normalized_shape, weight, eps) if y is None else y
 
 
 class RMSNorm(nn.RMSNorm):

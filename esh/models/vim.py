@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from esh._compat import import_timm
 from esh.errors import InputError
 from esh.layers import BiMambaMixer
-from esh.layers.norm import fused_applies, rms_norm
+from esh.layers.norm import fused_rms_norm
 from esh.models._builder import build_model, call_block, drop_path_rates, vision_cfg
 from esh.models._builder import load_checkpoint as load_weights
 from esh.models._checkpoint import CheckpointError, extract_state_dict, strip_prefix
@@ -52,8 +52,9 @@ class RMSNorm(nn.Module):
 def _rms_norm_f32(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Vim's RMSNorm: esh's fused CPU kernel for float32 CPU tensors where it applies, else the
     formula in float32, cast back to x's dtype."""
-    if weight.dtype == torch.float32 and fused_applies(x, weight):
-        return rms_norm(x, (x.shape[-1],), weight, eps)
+    y = fused_rms_norm(x, (x.shape[-1],), weight, eps)
+    if y is not None:
+        return y
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
