@@ -5,7 +5,12 @@ non-overlapping ``window x window`` windows (the map is zero-padded to whole win
 padding is masked out as keys); where it fits, the window shrinks to the map and attention is
 global. The bias of a query/key pair is a learned per-head entry of a ((2w-1)², heads) table
 indexed by their (dy, dx), as in Swin; it enters ``scaled_dot_product_attention`` as its
-float ``attn_mask``.
+float ``attn_mask``. Where that bias needs a gradient (training), the attention is written out
+instead (one ``baddbmm`` adding the bias, softmax, ``bmm``): PyTorch's fused CPU kernels take no
+gradient for a mask, so SDPA would fall back to its math path, whose fully-masked-row guards
+(``_safe_softmax``) cost more than the products here; no row here is fully masked (every window
+and every packed window holds a real key). Measured 10-25% faster forward + backward at
+ESH-Vision's window shapes (2 threads).
 
 ``forward`` attends over every token. ``forward_tokens`` attends among a subset of tokens only
 (ESH-Vision's hard routing and ACT pondering): each selected token attends to the selected
@@ -21,7 +26,25 @@ from torch import Tensor, nn
 
 from esh.errors import InputError
 
-__all__ = ["RelativeMHSA"]
+__all__ = ["RelativeMHSA", "biased_attention"]
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q kᵀ / sqrt(d) + bias) v for q, k, v (n, heads, L, d) and bias (1 or n, heads, L, L)
+    (-inf entries mask keys; no row may be fully masked). ``scaled_dot_product_attention`` unless
+    the bias needs a gradient, then written out (see the module docstring)."""
+    if not (torch.is_grad_enabled() and bias.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    n, h, L, d = q.shape
+    S = k.shape[2]
+    scores = torch.baddbmm(
+        bias.expand(n, h, L, S).reshape(n * h, L, S),
+        q.reshape(n * h, L, d),
+        k.reshape(n * h, S, d).transpose(1, 2),
+        alpha=d**-0.5,
+    )
+    probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return torch.bmm(probs, v.reshape(n * h, S, d)).view(n, h, L, d)
 
 
 class RelativeMHSA(nn.Module):
@@ -62,12 +85,10 @@ class RelativeMHSA(nn.Module):
         return dy * (2 * w - 1) + dx
 
     def _attend(self, qkv: Tensor, mask: Tensor) -> Tensor:
-        """qkv (n, L, 3*dim), mask broadcastable to (n, heads, L, L) -> (n, L, dim) before proj."""
+        """qkv (n, L, 3*dim), mask (1 or n, heads, L, L) -> (n, L, dim) before proj."""
         n, L, _ = qkv.shape
         q, k, v = qkv.view(n, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
-        )
+        out = biased_attention(q, k, v, mask.to(q.dtype), self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(n, L, self.num_heads * self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,19 +145,26 @@ class RelativeMHSA(nn.Module):
         slot_of = torch.empty_like(dest)
         slot_of[order] = dest  # each token's slot, in the tokens' own order
         source = torch.full((n * K,), M, dtype=torch.long, device=x.device)
-        source[dest] = order  # each slot's token; M, an all-zero row, for empty slots
-        valid = (source < M).view(n, K)
-        packed_pos = torch.cat([pos, pos.new_zeros(1)])[source].view(n, K)
+        source[dest] = order  # each slot's token; M for empty slots
+        N = wh * ww  # a window's positions; position N stands for an empty slot
+        packed_pos = torch.cat([pos, pos.new_full((1,), N)]).index_select(0, source).view(n, K)
 
-        # gathers with index_select, whose backward is one index_add (not an accumulating index_put)
+        # gathers with index_select, whose backward is one index_add (not an accumulating index_put);
+        # an empty slot reads token M - 1: as a key it is masked out below (weight exactly 0, so no
+        # gradient either), and its query's output is never read back
         projected = self.qkv(x)  # in the tokens' own order (autocast may make it half precision)
-        projected = torch.cat([projected, projected.new_zeros(1, 3 * C)])
-        qkv = projected.index_select(0, source).view(n, K, 3 * C)
+        qkv = projected.index_select(0, source.clamp(max=M - 1)).view(n, K, 3 * C)
 
-        rel = self.relative_index(wh, ww, x.device)
-        pair = rel[packed_pos[:, :, None], packed_pos[:, None, :]]  # (n, K, K)
-        mask = self._bias(pair).permute(0, 3, 1, 2)  # (n, heads, K, K)
-        mask = mask.masked_fill(~valid[:, None, None, :], float("-inf"))
+        # the window's (heads, N + 1, N + 1) bias, the extra position an empty slot: -inf as a
+        # key, 0 as a query (whose row still has a real key, so it stays finite); each packed
+        # pair's entry is then one gather
+        table = self._bias(self.relative_index(wh, ww, x.device)).permute(2, 0, 1)  # (heads, N, N)
+        empty_key = torch.zeros(N + 1, N + 1, dtype=table.dtype, device=x.device)
+        empty_key[:, N] = float("-inf")
+        table = F.pad(table, (0, 1, 0, 1)) + empty_key
+        pair = packed_pos[:, :, None] * (N + 1) + packed_pos[:, None, :]  # (n, K, K)
+        mask = table.reshape(self.num_heads, -1).index_select(1, pair.view(-1))
+        mask = mask.view(self.num_heads, n, K, K).transpose(0, 1)  # (n, heads, K, K)
         out = self._attend(qkv, mask).reshape(n * K, C).index_select(0, slot_of)  # (M, dim)
         return self.proj_drop(self.proj(out))
 
