@@ -20,6 +20,7 @@ from esh.ops import selective_scan
 from esh.ops.selective_scan import cpu_kernel_is_default
 
 from .conv import depthwise_conv
+from .linear import low_rank_linear
 from .mamba_init import init_dt_proj
 
 register_notrace_module = import_timm().layers.register_notrace_module
@@ -123,11 +124,16 @@ class BiMambaMixer(nn.Module):
         # fill a zero tensor of x_dbl's size in the backward and add it up)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
         dt_f, dt_b = dt.unbind(0)
-        halves = _Halves(u.new_empty(batch * seqlen, 2 * d) if in_place else None)
-        delta = halves(
-            torch.mm(dt_f, self.dt_proj.weight.t(), out=halves[0]),
-            torch.mm(dt_b, self.dt_proj_b.weight.t(), out=halves[1]),
-        ).view(batch, seqlen, 2 * d)
+        if in_place:
+            halves = _Halves(u.new_empty(batch * seqlen, 2 * d))
+            delta = halves(
+                torch.mm(dt_f, self.dt_proj.weight.t(), out=halves[0]),
+                torch.mm(dt_b, self.dt_proj_b.weight.t(), out=halves[1]),
+            )
+        else:  # low_rank_linear: the C backward where autograd records (esh.layers.linear)
+            weights = (self.dt_proj.weight, self.dt_proj_b.weight)
+            delta = torch.cat([low_rank_linear(dt, w) for dt, w in zip((dt_f, dt_b), weights)], -1)
+        delta = delta.view(batch, seqlen, 2 * d)
         B, C = (t.view(2, batch, seqlen, n).permute(1, 0, 3, 2) for t in (B, C))
         y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors
             u.transpose(1, 2),

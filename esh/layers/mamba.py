@@ -23,6 +23,7 @@ from esh.errors import InputError
 from esh.ops import selective_scan, selective_state_update
 
 from .conv import depthwise_conv
+from .linear import low_rank_linear
 from .mamba_init import init_dt_proj
 
 __all__ = ["Mamba", "copy_unless_loaded", "mask_padding"]
@@ -135,7 +136,7 @@ class Mamba(nn.Module):
         if keep is not None:
             x = x * keep
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt @ self.dt_proj.weight.t()  # its bias goes to the scan
+        delta = low_rank_linear(dt, self.dt_proj.weight)  # its bias goes to the scan
         A, D, dt_bias = self._ssm_params()
         y = selective_scan(
             x.transpose(1, 2),

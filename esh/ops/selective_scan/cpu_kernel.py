@@ -49,7 +49,7 @@ ENV_VAR = "ESH_CPU_KERNEL"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 16  # channels per block of the C loop (W in scan_cpu.c)
 MAX_STATES = 64  # ESH_MAX_N in scan_cpu.c
-_SOURCES = tuple(Path(__file__).with_name(f"{name}_cpu.c") for name in ("scan", "conv", "norm"))
+_SOURCES = tuple(Path(__file__).with_name(f"{name}_cpu.c") for name in ("scan", "conv", "norm", "lowrank"))
 _HEADERS = (Path(__file__).with_name("esh_math.h"),)  # included by the sources: part of the cache key
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -140,6 +140,14 @@ def _load() -> ctypes.CDLL | None:
             lib.esh_rmsnorm_items.argtypes = [i64]
             lib.esh_rmsnorm_bwd_f32.restype = None
             lib.esh_rmsnorm_bwd_f32.argtypes = [ptr] * 6 + [i64] * 2 + [cint]
+            # lowrank_cpu.c: fwd (x, x row stride, wt, out, out row stride, M, N, R, threads),
+            # items (M), bwd (x, x row stride, wt, g, g row stride, dx, dw_part, M, N, R, threads)
+            lib.esh_lowrank_fwd_f32.restype = None
+            lib.esh_lowrank_fwd_f32.argtypes = [ptr, i64, ptr, ptr] + [i64] * 4 + [cint]
+            lib.esh_lowrank_items.restype = i64
+            lib.esh_lowrank_items.argtypes = [i64]
+            lib.esh_lowrank_bwd_f32.restype = None
+            lib.esh_lowrank_bwd_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 3 + [cint]
             _lib = lib
             return lib
         _build_error = "; ".join(errors)
@@ -159,8 +167,8 @@ def enabled() -> bool:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library (built on first use), or None where it is disabled
     (``ESH_CPU_KERNEL=0``) or does not build. Besides the scan it holds the depthwise
-    convolution of ``esh.layers.conv`` (``conv_cpu.c``) and the RMSNorm of ``esh.layers.norm``
-    (``norm_cpu.c``)."""
+    convolution of ``esh.layers.conv`` (``conv_cpu.c``), the RMSNorm of ``esh.layers.norm``
+    (``norm_cpu.c``) and the low-rank projection of ``esh.layers.linear`` (``lowrank_cpu.c``)."""
     return _load() if enabled() else None
 
 
