@@ -517,7 +517,9 @@ void esh_scan_reduce_f32(const float *part, float *out, int64_t outer, int64_t c
                          int nthreads) {
     const int64_t tile = 4096;
     const int64_t tiles = (inner + tile - 1) / tile;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* one item (a dA, dD or bias sum: one row of at most a tile) runs where it is called: a
+     * parallel region would only add its start and join */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (outer * tiles > 1)
     for (int64_t item = 0; item < outer * tiles; ++item) {
         const int64_t o = item / tiles;
         const int64_t j0 = (item % tiles) * tile;
