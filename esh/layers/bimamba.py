@@ -132,7 +132,7 @@ class BiMambaMixer(nn.Module):
             )
         else:  # low_rank_linear: the C backward where autograd records (esh.layers.linear)
             weights = (self.dt_proj.weight, self.dt_proj_b.weight)
-            delta = torch.cat([low_rank_linear(dt, w) for dt, w in zip((dt_f, dt_b), weights)], -1)
+            delta = torch.cat([low_rank_linear(low, w) for low, w in zip((dt_f, dt_b), weights)], -1)
         delta = delta.view(batch, seqlen, 2 * d)
         B, C = (t.view(2, batch, seqlen, n).permute(1, 0, 3, 2) for t in (B, C))
         y = selective_scan(  # (batch, channels, L) views of the sequence-major tensors

@@ -1,18 +1,17 @@
 """``low_rank_linear``: ``F.linear(x, weight)`` for a weight with few input features, as the Mamba
 mixers' ``dt_proj`` (dt_rank = d_model / 16 features lifted to every channel), whose training
-forward and backward run as C loops on the CPU (``lowrank_cpu.c``, built with the selective
-scan's kernel, ``esh.ops.selective_scan.cpu_kernel``).
+backward runs as one C loop on the CPU (``lowrank_cpu.c``, built with the selective scan's
+kernel, ``esh.ops.selective_scan.cpu_kernel``).
 
-MKL runs these shapes far below its speed on square ones: an inner dimension of 8 in the forward,
-8 outputs and an inner dimension of the token count in the backward. The C forward is one pass
-that writes the output; the C backward reads the gradient once for both the input's and the
-weight's gradients, the weight's summed from per-block partials in a fixed order (the same bits
-for any number of threads). Measured in the Mamba LM of ``benchmarks/lm_quality.py`` (7 layers,
-12 x 64 tokens, 2 threads): see the README's training table.
+MKL runs the backward's shapes far below its speed on square ones (8 outputs for the input's
+gradient; an inner dimension of the token count and 8 columns for the weight's). The C backward
+reads the gradient once for both, the weight's summed from per-block partials in a fixed order
+(the same bits for any number of threads). The forward stays MKL's: a C loop was no faster
+there. Measured in the Mamba LM of ``benchmarks/lm_quality.py``: see the README.
 
 The C path serves float32 CPU tensors while autograd records (training); inference, autocast,
 other dtypes and devices, ``ESH_CPU_KERNEL=0`` and torch.compile / FX / JIT tracing use
-``F.linear``, so eval-mode results are PyTorch's bit for bit.
+``F.linear`` alone, so eval-mode results are PyTorch's bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from torch import Tensor
 
 __all__ = ["low_rank_linear"]
 
-MAX_RANK = 64  # the C loops' weight rows stay in L1 up to here
+MAX_RANK = 64  # the backward's per-block weight partial (rank x outputs floats) stays in cache
 
 
 def _rows(x: Tensor) -> tuple[Tensor, int]:

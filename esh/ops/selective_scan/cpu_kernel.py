@@ -140,10 +140,7 @@ def _load() -> ctypes.CDLL | None:
             lib.esh_rmsnorm_items.argtypes = [i64]
             lib.esh_rmsnorm_bwd_f32.restype = None
             lib.esh_rmsnorm_bwd_f32.argtypes = [ptr] * 6 + [i64] * 2 + [cint]
-            # lowrank_cpu.c: fwd (x, x row stride, wt, out, out row stride, M, N, R, threads),
-            # items (M), bwd (x, x row stride, wt, g, g row stride, dx, dw_part, M, N, R, threads)
-            lib.esh_lowrank_fwd_f32.restype = None
-            lib.esh_lowrank_fwd_f32.argtypes = [ptr, i64, ptr, ptr] + [i64] * 4 + [cint]
+            # lowrank_cpu.c: items (M), bwd (x, x row stride, wt, g, g row stride, dx, dw_part, M, N, R, threads)
             lib.esh_lowrank_items.restype = i64
             lib.esh_lowrank_items.argtypes = [i64]
             lib.esh_lowrank_bwd_f32.restype = None
