@@ -124,14 +124,12 @@ class BiMambaMixer(nn.Module):
         # fill a zero tensor of x_dbl's size in the backward and add it up)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
         dt_f, dt_b = dt.unbind(0)
-        if in_place:
-            halves = _Halves(u.new_empty(batch * seqlen, 2 * d))
-            delta = halves(
-                torch.mm(dt_f, self.dt_proj.weight.t(), out=halves[0]),
-                torch.mm(dt_b, self.dt_proj_b.weight.t(), out=halves[1]),
-            )
+        weights = (self.dt_proj.weight, self.dt_proj_b.weight)
+        if in_place:  # each direction's delta written into its half
+            delta = u.new_empty(batch * seqlen, 2 * d)
+            torch.mm(dt_f, weights[0].t(), out=delta[:, :d])
+            torch.mm(dt_b, weights[1].t(), out=delta[:, d:])
         else:  # low_rank_linear: the C backward where autograd records (esh.layers.linear)
-            weights = (self.dt_proj.weight, self.dt_proj_b.weight)
             delta = torch.cat([low_rank_linear(low, w) for low, w in zip((dt_f, dt_b), weights)], -1)
         delta = delta.view(batch, seqlen, 2 * d)
         B, C = (t.view(2, batch, seqlen, n).permute(1, 0, 3, 2) for t in (B, C))
@@ -230,23 +228,6 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know (meta, for FLOP counting)
         return False
-
-
-class _Halves:
-    """Two results side by side in the last axis: computed into the halves of ``buffer`` when
-    there is one (``out=``), else concatenated."""
-
-    def __init__(self, buffer: Tensor | None):
-        self.buffer = buffer
-
-    def __getitem__(self, i: int) -> Tensor | None:
-        if self.buffer is None:
-            return None
-        half = self.buffer.shape[-1] // 2
-        return self.buffer[..., i * half : (i + 1) * half]
-
-    def __call__(self, first: Tensor, second: Tensor) -> Tensor:
-        return torch.cat([first, second], -1) if self.buffer is None else self.buffer
 
 
 def reverse_index(lengths: Tensor, seqlen: int) -> Tensor:
