@@ -37,7 +37,7 @@ static inline void conv_row(const float *xb, int64_t xst, const float *w, const 
         }
         if (silu) {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i] / (1.0f + esh_expf(-acc[i]));
+            for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i] * esh_sigmoidf(acc[i]);
         } else {
             for (int64_t i = 0; i < n; ++i) dst[d0 + i] = acc[i];
         }
@@ -73,7 +73,7 @@ void esh_dwconv_bwd_f32(const float *x, int64_t xsb, int64_t xst, const float *w
             const float *gr = g + row * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) {
-                const float p = gp[d], s = 1.0f / (1.0f + esh_expf(-p));
+                const float p = gp[d], s = esh_sigmoidf(p);
                 gp[d] = gr[d] * s * (1.0f + p * (1.0f - s));
             }
         }

@@ -43,4 +43,7 @@ static inline float esh_expf(float x) {
     return esh_scaled_exp(r, fmaf(-r, 1.428606765330187e-06f, fmaf(-r, 0.693145751953125f, x)));
 }
 
+/* The logistic sigmoid on esh_expf: the gates' SiLU and its slope (scan and conv kernels). */
+static inline float esh_sigmoidf(float x) { return 1.0f / (1.0f + esh_expf(-x)); }
+
 #endif

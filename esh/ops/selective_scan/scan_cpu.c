@@ -140,8 +140,6 @@ static inline float softplus_e(float x, float e) { return fmaxf(x, 0.0f) + log1p
 
 static inline float softplus_f(float x) { return softplus_e(x, esh_expf(-fabsf(x))); }
 
-static inline float sigmoid_f(float x) { return 1.0f / (1.0f + esh_expf(-x)); }
-
 #define ESH_ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Asks for the cache lines of step tp of a block to be fetched ahead of their use, in an array
@@ -197,7 +195,7 @@ ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *p
 #pragma omp simd
         for (int k = 0; k < W; ++k) {
             const float zk = pz[k];
-            py[k] = acc[k] * zk * sigmoid_f(zk);
+            py[k] = acc[k] * zk * esh_sigmoidf(zk);
             if (pyp) pyp[k] = acc[k];
         }
     } else {
@@ -443,7 +441,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 #pragma omp simd
                 for (int k = 0; k < W; ++k) {
                     const float zk = xz[row + k];
-                    const float s = sigmoid_f(zk);
+                    const float s = esh_sigmoidf(zk);
                     xdz[row + k] = dy[k] * xyp[row + k] * s * (1.0f + zk * (1.0f - s));
                     dy[k] *= zk * s;
                 }
