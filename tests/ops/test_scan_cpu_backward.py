@@ -111,6 +111,30 @@ def test_underflowing_decays_and_the_linear_softplus_branch():
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", ["channel", "sequence"])
+def test_the_forward_keeps_nothing_of_the_outputs_size_but_its_inputs(layout):
+    # the backward recomputes y before the gate (C h + D u) from the chunk's states for dz, so
+    # the forward saves its inputs (as views of the caller's tensors), A, B, C in the kernel's
+    # forms and the checkpoints: no other tensor of size batch x dim x L
+    x = with_grad(scan_inputs(batch=2, dim=32, seqlen=40, dstate=4))
+    if layout == "sequence":
+        x = {
+            k: v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+            if k in ("u", "delta", "z")
+            else v
+            for k, v in x.items()
+        }
+    out = _kernel(K)(**x, delta_softplus=True)
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    big = {t.data_ptr() for t in saved if t.numel() >= out.numel()}
+    assert big == {x[k].data_ptr() for k in ("u", "delta", "z")}
+    # and the rest is small: the checkpoints are N / K of the output's size, B and C 2 N / dim
+    assert sum(t.numel() for t in saved) <= 3 * out.numel() + out.numel() * 4 // K + 1000
+    out.sum().backward()
+    assert x["z"].grad is not None and torch.isfinite(x["z"].grad).all()
+
+
+@needs_kernel
 def test_sequence_major_inputs_get_sequence_major_gradients():
     def seq_major(t):
         return t.transpose(1, 2).contiguous().transpose(1, 2)

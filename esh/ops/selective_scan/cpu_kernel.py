@@ -115,13 +115,13 @@ def _load() -> ctypes.CDLL | None:
                 continue
             ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.esh_scan_fwd_f32.restype = None
-            # u, delta, A2, B, C, D, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, batch, L, dim, N,
+            # u, delta, A2, B, C, D, bias, z, softplus, y, h_last, h_init, ckpt, K, batch, L, dim, N,
             # GB, GC, seq_major, threads
-            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 5 + [i64] * 7 + [cint] * 2
+            lib.esh_scan_fwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 4 + [i64] * 7 + [cint] * 2
             lib.esh_scan_bwd_f32.restype = i64
-            # u, delta, A2, B, C, D, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD,
+            # u, delta, A2, B, C, D, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz, dA, dD,
             # dbias, dB, dC, dh0, batch, L, dim, N, GB, GC, seq_major, threads
-            lib.esh_scan_bwd_f32.argtypes = [ptr] * 9 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
+            lib.esh_scan_bwd_f32.argtypes = [ptr] * 8 + [cint] + [ptr] * 3 + [i64] + [ptr] * 9 + [i64] * 6 + [cint] * 2
             lib.esh_scan_reduce_f32.restype = None
             lib.esh_scan_reduce_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
             # conv_cpu.c: x, x strides (batch, step), w, bias, out, out strides, batch, L, dim, K, left, silu, threads
@@ -288,21 +288,17 @@ class _Inputs:
 
     def forward(self, lib, softplus: bool, want_last: bool, K: int | None):
         """(out (batch, dim, L) float32 in u's layout, the last state if wanted, and with K (for a
-        backward) the checkpoints and, with z, the output before the gate)."""
+        backward) the checkpoints: the state entering every K-th step)."""
         batch, dim, n = self.batch, self.dim, self.n
         y = _new(batch, dim, self.seqlen, self.seq_major)
         last = self.u.new_empty(batch, dim, n) if want_last else None
-        ckpt = y_pre = None
-        if K:
-            ckpt = self.u.new_empty(batch, -(-self.seqlen // K), dim // BLOCK, n, BLOCK)
-            if self.z is not None:
-                y_pre = _new(batch, dim, self.seqlen, self.seq_major)
+        ckpt = self.u.new_empty(batch, -(-self.seqlen // K), dim // BLOCK, n, BLOCK) if K else None
         lib.esh_scan_fwd_f32(
-            *(ptr(t) for t in self.tensors()[:8]), int(softplus), ptr(y), ptr(y_pre), ptr(last),
+            *(ptr(t) for t in self.tensors()[:8]), int(softplus), ptr(y), ptr(last),
             ptr(self.h0), ptr(ckpt), K or 0, batch, self.seqlen, dim, n, self.gb, self.gc,
             int(self.seq_major), torch.get_num_threads(),
         )  # fmt: skip
-        return y, last, ckpt, y_pre
+        return y, last, ckpt
 
 
 class SelectiveScanCpu(torch.autograd.Function):
@@ -313,8 +309,8 @@ class SelectiveScanCpu(torch.autograd.Function):
         lib = _load()
         x = _Inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
         K = checkpoint or checkpoint_steps(x.n)
-        y, last, ckpt, y_pre = x.forward(lib, delta_softplus, True, K)
-        ctx.save_for_backward(*x.tensors(), ckpt, y_pre)
+        y, last, ckpt = x.forward(lib, delta_softplus, True, K)
+        ctx.save_for_backward(*x.tensors(), ckpt)
         ctx.meta = (x.batch, x.dim, x.seqlen, x.n, x.gb, x.gc, K, delta_softplus, x.seq_major)
         ctx.like = [(t.dtype, t.dim()) for t in (u, B, C)]
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
@@ -324,7 +320,7 @@ class SelectiveScanCpu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         lib = _load()
-        u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt, y_pre = ctx.saved_tensors
+        u, delta, A2, Bs, Cs, D, bias, z, h0, ckpt = ctx.saved_tensors
         batch, dim, seqlen, n, gb, gc, K, softplus, seq_major = ctx.meta
         need = ctx.needs_input_grad
         blocks = dim // BLOCK
@@ -339,7 +335,7 @@ class SelectiveScanCpu(torch.autograd.Function):
         dC_part = u.new_empty(batch, blocks, seqlen, n)
         dh0 = u.new_empty(batch, dim, n) if need[8] else None
         failed = lib.esh_scan_bwd_f32(
-            *(ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z, y_pre)), int(softplus), ptr(dout), ptr(dlast),
+            *(ptr(t) for t in (u, delta, A2, Bs, Cs, D, bias, z)), int(softplus), ptr(dout), ptr(dlast),
             ptr(ckpt), K, ptr(du), ptr(ddelta), ptr(dz), ptr(dA_part), ptr(dD_part), ptr(dbias_part),
             ptr(dB_part), ptr(dC_part), ptr(dh0), batch, seqlen, dim, n, gb, gc, int(seq_major),
             torch.get_num_threads(),
@@ -401,6 +397,6 @@ def selective_scan_cpu(
         out, last = SelectiveScanCpu.apply(*inputs, delta_softplus, checkpoint_steps)
         return (out, last) if return_last_state else out
     x = _Inputs(*inputs)  # its shapes were checked with the rest by the dispatcher
-    y, last, _, _ = x.forward(lib, delta_softplus, return_last_state, None)
+    y, last, _ = x.forward(lib, delta_softplus, return_last_state, None)
     out = y.to(u.dtype)  # half-precision inputs: float32 arithmetic, output in their dtype
     return (out, last) if return_last_state else out

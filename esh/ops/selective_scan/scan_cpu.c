@@ -18,8 +18,6 @@
  *   Cm               (batch, L, GC, N)    one C per group of dim / GC channels
  *   Dv, bias         (dim) or NULL
  *   z                (batch, L, dim) or NULL: the gate
- *   y_pre            NULL, or with z, (batch, L, dim) in u's layout: y before the gate, for a backward
- *                    (which needs it with z)
  *   h_last           (batch, dim, N) or NULL: the final state
  *   h_init           (batch, dim, N) or NULL: the state before the first step (else zero), so
  *                    that a long sequence can be scanned piece by piece
@@ -170,8 +168,7 @@ ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, i
 #define ESH_PREFETCH_STEPS 16 /* how far ahead the forward prefetches */
 
 /* One step of the forward for one block: the inputs' and outputs' W values at p[0 .. W - 1]. */
-ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, float *pyp,
-                                const float *bt, const float *ct, float (*h)[W], float (*a2)[W], const float *bias_k,
+ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, const float *bt, const float *ct, float (*h)[W], float (*a2)[W], const float *bias_k,
                                 const float *D_k, int64_t N, int softplus) {
     float dt[W], dtu[W], acc[W];
 #pragma omp simd
@@ -196,7 +193,6 @@ ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *p
         for (int k = 0; k < W; ++k) {
             const float zk = pz[k];
             py[k] = acc[k] * zk * esh_sigmoidf(zk);
-            if (pyp) pyp[k] = acc[k];
         }
     } else {
         for (int k = 0; k < W; ++k) py[k] = acc[k];
@@ -208,8 +204,7 @@ ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *p
  * (the two callers below pass them as constants, so each layout gets its own compiled loop). */
 ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
                                 const float *Cm, const float *Dv, const float *bias, const float *z,
-                                int softplus, float *y, float *y_pre, float *h_last, const float *h_init,
-                                float *ckpt,
+                                int softplus, float *y, float *h_last, const float *h_init, float *ckpt,
                                 int64_t K, int64_t nchunks, int64_t L, int64_t dim, int64_t N, int64_t GB,
                                 int64_t GC, int64_t item, const int64_t st, const int64_t sd) {
     const int64_t blocks = dim / W;
@@ -221,7 +216,7 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
     float a2[ESH_MAX_N][W];
     float bias_k[W], D_k[W];
     const int tiles = sd != 1; /* channel-major: 16 steps at a time through transposed tiles */
-    float tdelta[W * W], tu[W * W], tz[W * W], ty[W * W], typ[W * W];
+    float tdelta[W * W], tu[W * W], tz[W * W], ty[W * W];
     for (int64_t n = 0; n < N; ++n)
         for (int k = 0; k < W; ++k) {
             h[n][k] = h_init ? h_init[(b * dim + d0 + k) * N + n] : 0.0f;
@@ -247,7 +242,6 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
             prefetch_step(u, base, tp, L, st, sd, k, 0);
             prefetch_step(z, base, tp, L, st, sd, k, 0);
             prefetch_step(y, base, tp, L, st, sd, k, 1);
-            prefetch_step(y_pre, base, tp, L, st, sd, k, 1);
             __builtin_prefetch(bt + ESH_PREFETCH_STEPS * GB * N, 0, 3);
             __builtin_prefetch(ct + ESH_PREFETCH_STEPS * GC * N, 0, 3);
         }
@@ -260,16 +254,12 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
                 tile_in(u + at, sd, T, tu);
                 if (z) tile_in(z + at, sd, T, tz);
             }
-            fwd_step(tdelta + jt * W, tu + jt * W, z ? tz + jt * W : 0, ty + jt * W, y_pre ? typ + jt * W : 0, bt, ct,
-                     h, a2, bias_k, D_k, N, softplus);
-            if (jt == T - 1) {
-                tile_out(ty, T, y + at, sd);
-                if (y_pre) tile_out(typ, T, y_pre + at, sd);
-            }
+            fwd_step(tdelta + jt * W, tu + jt * W, z ? tz + jt * W : 0, ty + jt * W, bt, ct, h, a2, bias_k, D_k, N,
+                     softplus);
+            if (jt == T - 1) tile_out(ty, T, y + at, sd);
         } else {
             const int64_t row = b * L * dim + t * st + d0 * sd;
-            fwd_step(delta + row, u + row, z ? z + row : 0, y + row, y_pre ? y_pre + row : 0, bt, ct, h, a2, bias_k,
-                     D_k, N, softplus);
+            fwd_step(delta + row, u + row, z ? z + row : 0, y + row, bt, ct, h, a2, bias_k, D_k, N, softplus);
         }
     }
     if (h_last)
@@ -278,8 +268,7 @@ ESH_ALWAYS_INLINE void fwd_item(const float *u, const float *delta, const float 
 }
 
 void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                      const float *Dv, const float *bias, const float *z, int softplus, float *y, float *y_pre,
-                      float *h_last,
+                      const float *Dv, const float *bias, const float *z, int softplus, float *y, float *h_last,
                       const float *h_init, float *ckpt, int64_t K, int64_t batch, int64_t L, int64_t dim,
                       int64_t N, int64_t GB, int64_t GC, int seq_major, int nthreads) {
     const int64_t items = batch * (dim / W);
@@ -287,16 +276,17 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t item = 0; item < items; ++item) {
         if (seq_major)
-            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, nchunks, L, dim,
-                     N, GB, GC, item, dim, 1);
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
+                     GC, item, dim, 1);
         else
-            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, y_pre, h_last, h_init, ckpt, K, nchunks, L, dim,
-                     N, GB, GC, item, 1, L);
+            fwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, y, h_last, h_init, ckpt, K, nchunks, L, dim, N, GB,
+                     GC, item, 1, L);
     }
 }
 
 /* Gradients of sum(out * dout) + sum(h_last * dlast), dout (batch, L, dim), dlast (batch, dim, N)
- * or NULL, from the forward's checkpoints (K steps apart) and, with z, its y_pre. Written:
+ * or NULL, from the forward's checkpoints (K steps apart); with z, y before the gate is recomputed
+ * from the chunk's states (C h + D u), not kept by the forward. Written:
  *   du, ddelta, dz (dz only with z)  (batch, L, dim)
  *   dA_part                          (batch, N, dim): summed over the batch by the caller
  *   dD_part, dbias_part              (batch, dim) or NULL: likewise
@@ -304,14 +294,14 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
  *                                    over the blocks of a B group by the caller
  *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
  *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
- * Each item needs 2 K N W + 2 K W floats of scratch (and 8 K W channel-major) (malloc'ed); returns the number of items whose
+ * Each item needs 2 K N W + 2 K W floats of scratch (and 7 K W channel-major) (malloc'ed); returns the number of items whose
  * scratch could not be allocated (their gradients are then unwritten: the caller raises).
  * u, delta, z, dout, du, ddelta and dz share one layout: seq_major, else (batch, dim, L). */
 /* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
  * scratch could not be allocated. */
 ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *A2, const float *Bm,
                                const float *Cm, const float *Dv, const float *bias, const float *z,
-                               const float *y_pre, int softplus, const float *dout, const float *dlast,
+                               int softplus, const float *dout, const float *dlast,
                                const float *ckpt, int64_t K, float *du, float *ddelta, float *dz,
                                float *dA_part, float *dD_part, float *dbias_part,
                                float *dB_part, float *dC_part, float *dh0, int64_t L, int64_t dim, int64_t N,
@@ -324,13 +314,13 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
     const int64_t d0 = blk * W;
     const int64_t gb = d0 / (dim / GB), gc = d0 / (dim / GC);
     const int tiles = sd != 1; /* channel-major: each chunk's rows through transposed tiles */
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 2 + (tiles ? 8 : 0))));
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(K * W * (2 * N + 2 + (tiles ? 7 : 0))));
     if (!scratch) return 1;
     float *hs = scratch;             /* (K, N, W): the states after each step of the chunk */
     float *as = hs + K * N * W;      /* (K, N, W): the decays of each step */
     float *dts = as + K * N * W;     /* (K, W): the steps */
     float *dsp = dts + K * W;        /* (K, W): d(step)/d(delta + bias), the softplus's slope */
-    float *tile = dsp + K * W;       /* channel-major: (K, W) rows of delta, u, dout, z, y_pre, du, ddelta, dz */
+    float *tile = dsp + K * W;       /* channel-major: (K, W) rows of delta, u, dout, z, du, ddelta, dz */
     float g[ESH_MAX_N][W];           /* the adjoint of the state */
     float a2[ESH_MAX_N][W], dA_acc[ESH_MAX_N][W];
     float bias_k[W], D_k[W], dD_acc[W], dbias_acc[W];
@@ -356,21 +346,16 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
          * a transposed copy channel-major */
         const int64_t at = b * L * dim + t0 * st + d0 * sd;
         const float *xdelta = delta + at, *xu = u + at, *xdout = dout + at, *xz = z ? z + at : 0;
-        const float *xyp = y_pre ? y_pre + at : 0;
         float *xdu = du + at, *xddelta = ddelta + at, *xdz = dz ? dz + at : 0;
         int64_t rs = st;
         if (tiles) {
             float *cd = tile, *cu = tile + K * W, *co = tile + 2 * K * W, *cz = tile + 3 * K * W;
-            float *cy = tile + 4 * K * W;
             tile_in(delta + at, sd, T, cd);
             tile_in(u + at, sd, T, cu);
             tile_in(dout + at, sd, T, co);
-            if (z) {
-                tile_in(z + at, sd, T, cz);
-                tile_in(y_pre + at, sd, T, cy);
-            }
-            xdelta = cd, xu = cu, xdout = co, xz = z ? cz : 0, xyp = z ? cy : 0;
-            xdu = tile + 5 * K * W, xddelta = tile + 6 * K * W, xdz = z ? tile + 7 * K * W : 0;
+            if (z) tile_in(z + at, sd, T, cz);
+            xdelta = cd, xu = cu, xdout = co, xz = z ? cz : 0;
+            xdu = tile + 4 * K * W, xddelta = tile + 5 * K * W, xdz = z ? tile + 6 * K * W : 0;
             rs = W;
         }
         /* recompute the chunk's steps, decays and states */
@@ -387,7 +372,6 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 prefetch_step(u, base, tp, L, st, sd, k, 0);
                 prefetch_step(dout, base, tp, L, st, sd, k, 0);
                 prefetch_step(z, base, tp, L, st, sd, k, 0);
-                prefetch_step(y_pre, base, tp, L, st, sd, k, 0);
                 prefetch_step(du, base, tp, L, st, sd, k, 1);
                 prefetch_step(ddelta, base, tp, L, st, sd, k, 1);
                 prefetch_step(dz, base, tp, L, st, sd, k, 1);
@@ -427,7 +411,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             const float *ct = Cm + ((b * L + t) * GC + gc) * N;
             const float *hj = hs + j * N * W, *aj = as + j * N * W;
             const float *hp = j ? hj - N * W : h0;
-            float dt[W], uk[W], dtu[W], dy[W], ddtu[W], ddt[W];
+            float dt[W], uk[W], dtu[W], dy[W], ddtu[W], ddt[W], du_y[W], dz_y[W];
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 dt[k] = dts[j * W + k];
@@ -436,22 +420,24 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
                 dy[k] = xdout[row + k];
                 ddtu[k] = 0.0f;
                 ddt[k] = 0.0f;
+                du_y[k] = D_k[k] * uk[k]; /* y = C h + D u, before the gate */
             }
-            if (z) { /* out = y silu(z), y as the forward kept it */
+            if (z) { /* out = y silu(z): dz = dout y silu'(z), dy = dout silu(z) */
 #pragma omp simd
                 for (int k = 0; k < W; ++k) {
                     const float zk = xz[row + k];
                     const float s = esh_sigmoidf(zk);
-                    xdz[row + k] = dy[k] * xyp[row + k] * s * (1.0f + zk * (1.0f - s));
+                    dz_y[k] = dy[k] * s * (1.0f + zk * (1.0f - s));
                     dy[k] *= zk * s;
                 }
             }
             const v16 dyv = load16(dy), dtuv = load16(dtu), dtv = load16(dt);
-            v16 ddtuv = load16(ddtu), ddtv = load16(ddt);
+            v16 ddtuv = load16(ddtu), ddtv = load16(ddt), yv = load16(du_y);
             for (int64_t n = 0; n < N; ++n) {
-                const v16 a = load16(aj + n * W);
+                const v16 a = load16(aj + n * W), hn = load16(hj + n * W);
                 const v16 gn = load16(g[n]) + ct[n] * dyv;
-                dCp[t * N + n] = sum16(load16(hj + n * W) * dyv);
+                dCp[t * N + n] = sum16(hn * dyv);
+                yv += ct[n] * hn;
                 dBp[t * N + n] = sum16(gn * dtuv);
                 ddtuv += gn * bt[n];
                 const v16 q = gn * a * load16(hp + n * W); /* dL/d(log a) */
@@ -461,6 +447,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
             }
             store16(ddtu, ddtuv);
             store16(ddt, ddtv);
+            if (z) store16(xdz + row, load16(dz_y) * yv);
 #pragma omp simd
             for (int k = 0; k < W; ++k) {
                 const float d = (ddt[k] * LN2 + ddtu[k] * uk[k]) * dsp[j * W + k];
@@ -490,7 +477,7 @@ ESH_ALWAYS_INLINE int bwd_item(const float *u, const float *delta, const float *
 }
 
 int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, const float *Bm, const float *Cm,
-                         const float *Dv, const float *bias, const float *z, const float *y_pre, int softplus,
+                         const float *Dv, const float *bias, const float *z, int softplus,
                          const float *dout, const float *dlast, const float *ckpt, int64_t K, float *du,
                          float *ddelta, float *dz, float *dA_part, float *dD_part, float *dbias_part, float *dB_part, float *dC_part,
                          float *dh0, int64_t batch, int64_t L, int64_t dim, int64_t N, int64_t GB, int64_t GC,
@@ -500,10 +487,10 @@ int64_t esh_scan_bwd_f32(const float *u, const float *delta, const float *A2, co
 #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : failed)
     for (int64_t item = 0; item < items; ++item) {
         if (seq_major)
-            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
                                dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, dim, 1);
         else
-            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, y_pre, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
+            failed += bwd_item(u, delta, A2, Bm, Cm, Dv, bias, z, softplus, dout, dlast, ckpt, K, du, ddelta, dz,
                                dA_part, dD_part, dbias_part, dB_part, dC_part, dh0, L, dim, N, GB, GC, item, 1, L);
     }
     return failed;
