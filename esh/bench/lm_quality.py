@@ -42,6 +42,7 @@ from esh._io import write_text
 from esh.bench.measure import mean_spread
 from esh.data.text import ContiguousBlockDataset, LMData, RandomBlockDataset, prepare_lm_data
 from esh.errors import InputError
+from esh.train.checkpoint import rng_state, set_rng_state
 from esh.train.lm import LMTrainConfig, LMTrainer
 
 MODELS = ("esh", "gpt", "mamba")
@@ -97,7 +98,7 @@ def recipe(max_steps: int, seed: int) -> LMTrainConfig:
     )
 
 
-def train_one(
+def _setup(
     name: str,
     data: LMData,
     max_steps: int,
@@ -106,26 +107,27 @@ def train_one(
     eval_batch: int = 64,
     progress: bool = False,
     run_dir: str | None = None,
-) -> dict:
-    """Train ``name`` from scratch with the recipe and return its parameters, validation loss
-    (nats and bits per character) and training wall time. ``eval_windows`` scores that many
-    windows spread evenly over the validation split (default: all of them); ``run_dir`` keeps the
-    trainer's steps.csv and checkpoint."""
+) -> tuple[LMTrainer, DataLoader]:
+    """``name``'s model built from ``seed`` and its trainer with the recipe, and the validation
+    loader (``eval_windows`` windows spread evenly over the split; default all). The trainer gets
+    no validation loader: the loss is measured once, after training, outside the timed part."""
     cfg = recipe(max_steps, seed)
     cfg.progress, cfg.out_dir = progress, run_dir
     torch.manual_seed(seed)
     model = build_model(name, data.tokenizer.vocab_size, cfg.block_size)
     train_set = RandomBlockDataset(data.train, cfg.block_size, num_samples=max_steps * cfg.batch_size, seed=seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size)
     eval_set = ContiguousBlockDataset(data.val, cfg.block_size)
     if eval_windows and eval_windows < len(eval_set):
         eval_set = Subset(eval_set, torch.linspace(0, len(eval_set) - 1, eval_windows).long().tolist())
-    eval_loader = DataLoader(eval_set, batch_size=eval_batch)
-    trainer = LMTrainer(model, train_loader, cfg, eval_loader)
-    start = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - start
-    result = trainer.evaluate()
+    trainer = LMTrainer(model, DataLoader(train_set, batch_size=cfg.batch_size), cfg)
+    return trainer, DataLoader(eval_set, batch_size=eval_batch)
+
+
+def _result(name: str, seed: int, data: LMData, trainer: LMTrainer, eval_loader: DataLoader, train_s: float) -> dict:
+    """The row of a trained model: parameters, validation loss, training time (and for ESH the
+    router's statistics on the same windows)."""
+    model, cfg = trainer.model, trainer.config
+    result = trainer.evaluate(eval_loader)
     nats = result["val_loss"]  # char-level: one token per character
     extra = {}
     if name == "esh":  # the router on the same windows: α by character class and position, paths forced
@@ -138,12 +140,67 @@ def train_one(
         "val_bits_per_char": nats / math.log(2),
         "val_ppl": math.exp(nats),
         "train_seconds": train_s,
-        "steps": max_steps,
-        "tokens": max_steps * cfg.batch_size * cfg.block_size,
+        "steps": cfg.max_steps,
+        "tokens": cfg.max_steps * cfg.batch_size * cfg.block_size,
         "threads": torch.get_num_threads(),
         "eval_chars": result["val_tokens"],
         **extra,
     }
+
+
+def train_one(
+    name: str,
+    data: LMData,
+    max_steps: int,
+    seed: int,
+    eval_windows: int | None = None,
+    eval_batch: int = 64,
+    progress: bool = False,
+    run_dir: str | None = None,
+) -> dict:
+    """Train ``name`` from scratch with the recipe and return its parameters, validation loss
+    (nats and bits per character) and training wall time (the optimizer steps only; the
+    validation pass comes after). ``eval_windows`` scores that many windows spread evenly over
+    the validation split (default: all of them); ``run_dir`` keeps the trainer's steps.csv and
+    checkpoint."""
+    trainer, eval_loader = _setup(name, data, max_steps, seed, eval_windows, eval_batch, progress, run_dir)
+    start = time.perf_counter()
+    trainer.train()
+    return _result(name, seed, data, trainer, eval_loader, time.perf_counter() - start)
+
+
+def train_interleaved(
+    names: Sequence[str],
+    data: LMData,
+    max_steps: int,
+    seed: int,
+    round_steps: int,
+    eval_windows: int | None = None,
+    eval_batch: int = 64,
+) -> list[dict]:
+    """``train_one`` for every model of ``names``, their training interleaved: ``round_steps``
+    optimizer steps of each in turn until all are done, each model's time the sum of its rounds.
+    On a shared machine whose speed drifts over minutes, every model then sees the same spread of
+    fast and slow moments, so the time ratios are not skewed by which model ran when. Each model
+    draws from its own copy of the random streams (saved and restored around its rounds), so the
+    weights and losses are those of ``train_one``, bit for bit."""
+    if round_steps < 1:
+        raise InputError(f"round_steps must be at least 1, got {round_steps}")
+    runs = []
+    for name in names:
+        trainer, eval_loader = _setup(name, data, max_steps, seed, eval_windows, eval_batch)
+        runs.append({"name": name, "trainer": trainer, "eval": eval_loader, "rng": rng_state(), "seconds": 0.0})
+    while any(r["trainer"].step < max_steps for r in runs):
+        for r in runs:
+            trainer = r["trainer"]
+            if trainer.step >= max_steps:
+                continue
+            set_rng_state(r["rng"])
+            start = time.perf_counter()
+            trainer.train(until=trainer.step + round_steps)
+            r["seconds"] += time.perf_counter() - start
+            r["rng"] = rng_state()
+    return [_result(r["name"], seed, data, r["trainer"], r["eval"], r["seconds"]) for r in runs]
 
 
 CHAR_CLASSES = ("letter", "whitespace", "punctuation", "newline", "other")
@@ -346,18 +403,30 @@ def run(
     progress: bool = False,
     eval_windows: int | None = None,
     run_dir: str | None = None,
+    interleave: int | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Train every model for every seed, one after the other; each result is appended to
+    """Train every model for every seed, one after the other (or, with ``interleave``, a seed's
+    models in turns of that many steps: ``train_interleaved``); each result is appended to
     ``out`` (JSON lines) as soon as it is known."""
+    if interleave is not None and (interleave < 1 or run_dir or progress):
+        raise InputError("interleave takes a number of steps >= 1, and neither run_dir nor progress")
     if threads:
         torch.set_num_threads(threads)
     data = prepare_lm_data("shakespeare", tokenizer="char")
     rows = []
     for seed in seeds:
-        for name in models:
-            where = str(Path(run_dir) / f"{name}_seed{seed}") if run_dir else None
-            row = train_one(name, data, max_steps, seed, eval_windows, progress=progress, run_dir=where)
+        if interleave:
+            seed_rows = train_interleaved(models, data, max_steps, seed, interleave, eval_windows)
+        else:
+            seed_rows = (
+                train_one(
+                    name, data, max_steps, seed, eval_windows, progress=progress,
+                    run_dir=str(Path(run_dir) / f"{name}_seed{seed}") if run_dir else None,
+                )
+                for name in models
+            )  # fmt: skip
+        for row in seed_rows:
             rows.append(row)
             print_fn(json.dumps(row))
             if out:
@@ -387,12 +456,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--eval-windows", type=int, help="windows of 64 scored, spread over the split (default: all)")
     parser.add_argument("--run-dir", help="keep each run's steps.csv and checkpoint under this folder")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        metavar="STEPS",
+        help="train a seed's models in turns of STEPS steps (fair times on a machine whose speed drifts; same results)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.interleave is not None and (args.interleave < 1 or args.run_dir or args.progress):
+        parser.error("--interleave takes a number of steps >= 1, and neither --run-dir nor --progress")
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print_tables(rows)
@@ -406,4 +483,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.progress,
         args.eval_windows,
         args.run_dir,
+        args.interleave,
     )
