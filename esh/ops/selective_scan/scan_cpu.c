@@ -168,7 +168,8 @@ ESH_ALWAYS_INLINE void prefetch_step(const float *x, int64_t base, int64_t tp, i
 #define ESH_PREFETCH_STEPS 16 /* how far ahead the forward prefetches */
 
 /* One step of the forward for one block: the inputs' and outputs' W values at p[0 .. W - 1]. */
-ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, const float *bt, const float *ct, float (*h)[W], float (*a2)[W], const float *bias_k,
+ESH_ALWAYS_INLINE void fwd_step(const float *pd, const float *pu, const float *pz, float *py, const float *bt,
+                                const float *ct, float (*h)[W], float (*a2)[W], const float *bias_k,
                                 const float *D_k, int64_t N, int softplus) {
     float dt[W], dtu[W], acc[W];
 #pragma omp simd
@@ -294,8 +295,9 @@ void esh_scan_fwd_f32(const float *u, const float *delta, const float *A2, const
  *                                    over the blocks of a B group by the caller
  *   dC_part                          (batch, dim / W, L, N): likewise for C's groups
  *   dh0                              (batch, dim, N) or NULL: the gradient of h_init
- * Each item needs 2 K N W + 2 K W floats of scratch (and 7 K W channel-major) (malloc'ed); returns the number of items whose
- * scratch could not be allocated (their gradients are then unwritten: the caller raises).
+ * Each item needs 2 K N W + 2 K W floats of scratch (and 7 K W channel-major) (malloc'ed); returns
+ * the number of items whose scratch could not be allocated (their gradients are then unwritten:
+ * the caller raises).
  * u, delta, z, dout, du, ddelta and dz share one layout: seq_major, else (batch, dim, L). */
 /* One block of W channels of one sequence (layouts as for fwd_item); returns 1 when its
  * scratch could not be allocated. */
