@@ -394,6 +394,15 @@ def print_tables(rows: Sequence[dict], print_fn: Callable[[str], None] = print) 
         print_fn(format_router_summary(rows))
 
 
+def interleave_problem(interleave: int | None, run_dir: str | None, progress: bool) -> str | None:
+    """What is wrong with ``run``'s ``interleave`` setting beside the others (``--interleave``,
+    ``--run-dir``, ``--progress``), or None: interleaved turns keep no per-run folder and show no
+    progress bars."""
+    if interleave is not None and (interleave < 1 or run_dir or progress):
+        return "--interleave takes a number of steps >= 1, and neither --run-dir nor --progress"
+    return None
+
+
 def run(
     models: Sequence[str] = MODELS,
     seeds: Sequence[int] = (1337,),
@@ -409,8 +418,9 @@ def run(
     """Train every model for every seed, one after the other (or, with ``interleave``, a seed's
     models in turns of that many steps: ``train_interleaved``); each result is appended to
     ``out`` (JSON lines) as soon as it is known."""
-    if interleave is not None and (interleave < 1 or run_dir or progress):
-        raise InputError("interleave takes a number of steps >= 1, and neither run_dir nor progress")
+    problem = interleave_problem(interleave, run_dir, progress)
+    if problem:
+        raise InputError(problem)
     if threads:
         torch.set_num_threads(threads)
     data = prepare_lm_data("shakespeare", tokenizer="char")
@@ -468,8 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.interleave is not None and (args.interleave < 1 or args.run_dir or args.progress):
-        parser.error("--interleave takes a number of steps >= 1, and neither --run-dir nor --progress")
+    problem = interleave_problem(args.interleave, args.run_dir, args.progress)
+    if problem:
+        parser.error(problem)  # one line, exit 2
     if args.table:
         rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print_tables(rows)
